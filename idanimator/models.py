@@ -1,0 +1,177 @@
+"""Loading each model component from a resolved path, and assembling the diffusers pipeline.
+
+Every component is loaded on the CPU in float32 (the face LoRA is fused in float32, as the release's
+weights are), and only then cast and placed. Each loader turns a broken or incomplete file into a
+:class:`WeightsUnavailableError` that names the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
+
+from .adapter import FaceAdapterWeights, install_face_adapter
+from .errors import WeightsUnavailableError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def release_scheduler() -> DDIMScheduler:
+    """The release's DDIM: linear betas 0.00085-0.012, "leading" spacing, steps_offset 1, no clipping."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+    )
+
+
+@dataclass
+class BackboneParts:
+    """The image model of one SD1.5 backbone (what a backbone switch replaces)."""
+
+    unet: torch.nn.Module  # UNet2DConditionModel
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+
+
+def _broken(what: str, path: Path, exc: Exception) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"The {what} at {path} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). "
+        "It may be incomplete or corrupt: delete it and download it again."
+    )
+
+
+def load_backbone(path: Path, base: Path | None) -> BackboneParts:
+    """A diffusers SD1.5 folder, or a single-file checkpoint (original SD layout) read with `base` as config.
+
+    Parts a folder lacks (e.g. the VAE of a "noVAE" model) come from `base`.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        if path.is_file():
+            if path.suffix not in SINGLE_FILE_SUFFIXES:
+                raise WeightsUnavailableError(f"{path} is not a .safetensors or .ckpt checkpoint.")
+            if base is None:
+                raise WeightsUnavailableError("A single-file backbone needs the SD1.5 base folder for its configuration.")
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(base), local_files_only=True, safety_checker=None, requires_safety_checker=False,
+                torch_dtype=torch.float32,
+            )
+            return BackboneParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer)
+
+        def part(sub: str) -> Path:
+            if (path / sub).is_dir():
+                return path
+            if base is None:
+                raise WeightsUnavailableError(f"The backbone folder {path} has no {sub}/ folder.")
+            return base
+
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(part("vae"), subfolder="vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(part("text_encoder"), subfolder="text_encoder", dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(part("tokenizer"), subfolder="tokenizer")
+        return BackboneParts(unet, vae, text_encoder, tokenizer)
+    except WeightsUnavailableError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise _broken("backbone", path, exc) from exc
+
+
+def load_motion_adapter(path: Path) -> MotionAdapter:
+    try:
+        return MotionAdapter.from_pretrained(path, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _broken("motion adapter", path, exc) from exc
+
+
+def load_image_encoder(path: Path):
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _broken("image encoder", path, exc) from exc
+
+
+class PerFrameGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm applied to each frame on its own, as in the original AnimateDiff and the release.
+
+    diffusers' AnimateDiffTransformer3D normalises a [batch, channels, frames, h, w] tensor over all
+    frames at once, which shifts the UNet output by ~4e-3 with the same weights.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            return super().forward(x)
+        b, c, f, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * f, c, h, w)
+        frames = F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps)
+        return frames.reshape(b, f, c, h, w).transpose(1, 2)
+
+
+def use_per_frame_motion_norms(unet: UNetMotionModel) -> int:
+    """Switch every motion-module GroupNorm to per-frame statistics; returns how many were switched."""
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    count = 0
+    for module in unet.modules():
+        if isinstance(module, AnimateDiffTransformer3D) and type(module.norm) is torch.nn.GroupNorm:
+            module.norm.__class__ = PerFrameGroupNorm
+            count += 1
+    return count
+
+
+def build_motion_unet(parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights,
+                      id_scale: float = 1.0) -> UNetMotionModel:
+    """SD1.5 UNet + AnimateDiff motion modules + the face adapter, in float32 on the CPU."""
+    unet = UNetMotionModel.from_unet2d(parts.unet, motion_adapter)
+    use_per_frame_motion_norms(unet)
+    install_face_adapter(unet, face, scale=id_scale)
+    return unet
+
+
+def assemble_pipeline(parts: BackboneParts, unet: UNetMotionModel, image_encoder) -> AnimateDiffPipeline:
+    try:  # the PIL implementation; the default one wants torchvision, which we keep out
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    pipe = AnimateDiffPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        motion_adapter=None,  # already merged into `unet`; keeping it would hold a second copy
+        scheduler=release_scheduler(),
+        feature_extractor=CLIPImageProcessor(),
+        image_encoder=image_encoder,
+    )
+    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    return pipe
+
+
+def place_pipeline(pipe: AnimateDiffPipeline, device: str, dtype: torch.dtype, offload: str) -> None:
+    """Cast and place: whole model on the device, or model/sequential CPU offload."""
+    if dtype != torch.float32:  # everything is loaded in float32
+        pipe.to(dtype=dtype)
+    if offload == "none" or device == "cpu":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise ValueError(f"offload must be none, model or sequential, not {offload!r}")
+    pipe.vae.enable_slicing()

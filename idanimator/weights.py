@@ -1,0 +1,139 @@
+"""Resolving a weight's name to files on disk: local paths, registry names, Hub folders and files.
+
+Downloads go through huggingface_hub (its cache, `HF_HUB_OFFLINE`, `HF_TOKEN`, revisions and
+progress bars). The cache is always tried first, so nothing touches the network once a weight is
+there; when a weight is missing and the Hub cannot be reached, the error says what to do instead of
+waiting through retries and ending in a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import WeightsUnavailableError
+from .registry import BACKBONES, HubFile, HubFolder, Source
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def describe(source: str | Source) -> str:
+    if isinstance(source, HubFile):
+        return f"{source.repo_id}/{source.filename}"
+    if isinstance(source, HubFolder):
+        return source.repo_id + (f"/{source.subfolder}" if source.subfolder else "")
+    return str(source)
+
+
+def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source | Path:
+    """A registry name, an existing local path, or a Hub id ("owner/name" or "owner/name/file.safetensors")."""
+    if isinstance(value, (HubFolder, HubFile)):
+        return value
+    if value in BACKBONES:
+        return BACKBONES[value].source
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    parts = value.split("/")
+    if allow_hub_ids and len(parts) >= 2 and _HUB_ID.match("/".join(parts[:2])) and not value.startswith((".", "/", "~")):
+        if len(parts) > 2 and value.endswith(_SINGLE_FILE_SUFFIXES):
+            return HubFile("/".join(parts[:2]), "/".join(parts[2:]))
+        if len(parts) == 2:
+            return HubFolder(value)
+    if not allow_hub_ids and _HUB_ID.match(value):
+        raise WeightsUnavailableError(f"{value!r} is not one of the offered models ({', '.join(BACKBONES)}).")
+    names = ", ".join(BACKBONES)
+    raise WeightsUnavailableError(
+        f"{value!r} is neither an existing file or folder, a Hub id (owner/name), nor a known model ({names})."
+    )
+
+
+def offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds rather than after retries."""
+    if offline_mode():
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable(source: Source, what: str, exc: Exception | None = None) -> WeightsUnavailableError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    name = describe(source)
+    if isinstance(exc, GatedRepoError):
+        return WeightsUnavailableError(
+            f"The {what} {name} needs you to accept its licence on huggingface.co and set HF_TOKEN."
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return WeightsUnavailableError(f"The {what} {name} does not exist on the Hugging Face Hub (or is private).")
+    how = "HF_HUB_OFFLINE is set" if offline_mode() else "the Hugging Face Hub cannot be reached"
+    return WeightsUnavailableError(
+        f"The {what} {name} is not in the local Hugging Face cache and {how}. "
+        "Connect to the internet and run `python -m idanimator download`, "
+        "or point to a local copy (e.g. --backbone PATH, --adapter PATH), or use --tiny to try the app with random weights."
+    )
+
+
+def _fetch(source: Source, local_only: bool) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    if isinstance(source, HubFile):
+        return Path(
+            hf_hub_download(
+                source.repo_id,
+                source.filename,
+                revision=source.revision,
+                repo_type=source.repo_type,
+                local_files_only=local_only,
+            )
+        )
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    folder = snapshot_download(
+        source.repo_id,
+        revision=source.revision,
+        repo_type=source.repo_type,
+        allow_patterns=[prefix + p for p in source.allow_patterns] or None,
+        ignore_patterns=[prefix + p for p in source.ignore_patterns] or None,
+        local_files_only=local_only,
+    )
+    path = Path(folder) / source.subfolder if source.subfolder else Path(folder)
+    if not path.is_dir() or not any(path.rglob("*.json")):
+        raise FileNotFoundError(path)  # an empty or partial snapshot is not a hit
+    return path
+
+
+def resolve(value: str | Source | Path, *, what: str = "model", allow_hub_ids: bool = True) -> Path:
+    """Return a local path for a weight: the cache first, then a download with progress bars."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    source = value if isinstance(value, Path) else parse_source(value, allow_hub_ids=allow_hub_ids)
+    if isinstance(source, Path):
+        if not source.exists():
+            raise WeightsUnavailableError(f"The {what} {source} does not exist.")
+        return source
+    try:
+        return _fetch(source, local_only=True)
+    except (OSError, ValueError):
+        pass  # not cached (LocalEntryNotFoundError is an OSError)
+    if not hub_reachable():
+        raise _unavailable(source, what)
+    try:
+        return _fetch(source, local_only=False)
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        raise _unavailable(source, what, exc) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise _unavailable(source, what, exc) from exc
