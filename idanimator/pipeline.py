@@ -20,18 +20,9 @@ import numpy as np
 import torch
 
 from . import registry
-from .adapter import load_face_adapter_weights, set_id_scale
+from .adapter import set_id_scale
 from .errors import IDAnimatorError, InvalidRequestError
-from .models import (
-    assemble_pipeline,
-    build_motion_unet,
-    load_backbone,
-    load_image_encoder,
-    load_motion_adapter,
-    place_pipeline,
-)
 from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, clean_text, fit_to_tokens
-from .weights import resolve
 
 MAX_SEED = 2**32 - 1
 MAX_FRAMES = 32  # the motion module's positional encoding holds 32 frames
@@ -119,13 +110,14 @@ class IDAnimatorPipeline:
     """
 
     def __init__(self, pipe, *, device: str, dtype: torch.dtype, offload: str = "none", detector=None,
-                 face_cache_size: int = 32):
+                 face_cache: OrderedDict | None = None, face_cache_size: int = 32, backbone: str = ""):
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
         self.offload = offload
+        self.backbone = backbone
         self._detector = detector
-        self._face_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._face_cache: OrderedDict[str, torch.Tensor] = OrderedDict() if face_cache is None else face_cache
         self._face_cache_size = face_cache_size
         self.face_encoder_calls = 0  # how often the image encoder actually ran (the cache is observable)
 
@@ -151,34 +143,13 @@ class IDAnimatorPipeline:
 
         ``tiny=True`` uses the tiny random kit (built on first use) for every part not given.
         """
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-        if tiny:
-            from .testing import build_tiny_kit, default_tiny_dir
+        from .loader import LoadOptions, ModelStore
 
-            kit = build_tiny_kit(default_tiny_dir())
-            if backbone in (None, registry.DEFAULT_BACKBONE):
-                backbone = kit["base"]
-            base = base or kit["base"]
-            face_adapter = face_adapter or kit["face_adapter"]
-            motion_adapter = motion_adapter or kit["motion_adapter"]
-            image_encoder = image_encoder or kit["image_encoder"]
-        paths = {
-            "backbone": resolve(backbone, what="backbone", allow_hub_ids=allow_hub_ids),
-            "face_adapter": resolve(face_adapter or registry.FACE_ADAPTER, what="face adapter"),
-            "motion_adapter": resolve(motion_adapter or registry.MOTION_ADAPTER, what="motion adapter"),
-            "image_encoder": resolve(image_encoder or registry.IMAGE_ENCODER, what="image encoder"),
-        }
-        needs_base = paths["backbone"].is_file() or not all(
-            (paths["backbone"] / sub).is_dir() for sub in ("vae", "text_encoder", "tokenizer")
+        options = LoadOptions.for_device(
+            device, dtype, offload=offload, tiny=tiny, face_adapter=face_adapter, motion_adapter=motion_adapter,
+            image_encoder=image_encoder, base=base, allow_hub_ids=allow_hub_ids,
         )
-        base_path = resolve(base or registry.BASE_MODEL, what="SD1.5 base model") if needs_base else None
-        parts = load_backbone(paths["backbone"], base_path)
-        face = load_face_adapter_weights(paths["face_adapter"])
-        unet = build_motion_unet(parts, load_motion_adapter(paths["motion_adapter"]), face)
-        pipe = assemble_pipeline(parts, unet, load_image_encoder(paths["image_encoder"]))
-        place_pipeline(pipe, device, dtype, offload)
-        return cls(pipe, device=device, dtype=dtype, offload=offload, detector=detector)
+        return ModelStore(options, detector=detector).build(backbone)
 
     # -- faces ----------------------------------------------------------------------------------
 
