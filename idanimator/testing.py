@@ -41,6 +41,7 @@ def tiny_kit_paths(root: str | Path) -> dict[str, Path]:
         "motion_adapter": root / "motion-adapter",
         "image_encoder": root / "image-encoder",
         "face_adapter": root / "animator.ckpt",
+        "single_file": root / "tiny-backbone.safetensors",  # the base, as an original-layout single file
     }
 
 
@@ -214,6 +215,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
     leaves a half-made kit behind; a complete kit is reused.
     """
     from .models import release_scheduler
+    from .single_file import export_single_file
 
     root = Path(root)
     paths = tiny_kit_paths(root)
@@ -230,6 +232,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
         _tiny_image_encoder(work_paths["image_encoder"])
         sizes = tiny_cross_attention_hidden_sizes(work_paths["base"])
         save_official_checkpoint(random_face_adapter(sizes, seed=seed), work_paths["face_adapter"])
+        export_single_file(work_paths["base"], work_paths["single_file"])
         (work / "kit.json").write_text(json.dumps({"version": KIT_VERSION, "seed": seed}))
         if root.exists():
             shutil.rmtree(root)
@@ -238,3 +241,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return paths
+
+
+# Generation settings that suit the tiny kit: a whole video in well under a second on a CPU.
+TINY_SETTINGS = dict(num_frames=8, steps=2, height=64, width=64)

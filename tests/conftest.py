@@ -74,4 +74,3 @@ def no_face_path(tmp_path_factory) -> Path:
     return path
 
 
-TINY_SETTINGS = dict(num_frames=8, steps=2, height=64, width=64)

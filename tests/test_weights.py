@@ -1,0 +1,102 @@
+"""Resolving weights: local paths, registry names, the Hugging Face cache, and offline errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from idanimator import registry
+from idanimator.errors import WeightsUnavailableError
+from idanimator.registry import HubFile, HubFolder
+from idanimator.weights import hub_reachable, parse_source, resolve
+
+
+def test_registry_names_and_hub_ids_parse():
+    assert parse_source("realistic-vision-v6") == registry.BACKBONES["realistic-vision-v6"].source
+    assert parse_source("emilianJR/epiCRealism") == HubFolder("emilianJR/epiCRealism")
+    assert parse_source("owner/repo/sub/model.safetensors") == HubFile("owner/repo", "sub/model.safetensors")
+
+
+def test_local_paths_win(tmp_path):
+    (tmp_path / "owner").mkdir()
+    assert resolve(tmp_path / "owner") == tmp_path / "owner"
+    assert resolve(str(tmp_path / "owner")) == tmp_path / "owner"
+
+
+def test_missing_local_path_is_named(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="does not exist|neither"):
+        resolve(str(tmp_path / "nothing.safetensors"), what="backbone")
+
+
+def test_hub_ids_can_be_forbidden():
+    with pytest.raises(WeightsUnavailableError, match="not one of the offered models"):
+        resolve("someone/some-model", what="backbone", allow_hub_ids=False)
+
+
+def test_offline_and_not_cached_gives_actionable_error():
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as err:
+        resolve(registry.MOTION_ADAPTER, what="motion adapter")
+    message = str(err.value)
+    assert "guoyww/animatediff-motion-adapter-v1-5-2" in message
+    assert "python -m idanimator download" in message and "--tiny" in message
+    assert time.monotonic() - start < 5
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    hub_reachable.cache_clear()
+    try:
+        start = time.monotonic()
+        with pytest.raises(WeightsUnavailableError, match="cannot be reached"):
+            resolve(registry.FACE_ADAPTER, what="face adapter")
+        assert time.monotonic() - start < 10
+    finally:
+        hub_reachable.cache_clear()
+
+
+def _put_in_hub_cache(cache, repo_id: str, files: dict, repo_type: str = "model"):
+    """Lay files out exactly as huggingface_hub's cache does (refs/main -> snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    for rel, src in files.items():
+        dest = repo_dir / "snapshots" / commit / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy(src, dest)
+    return repo_dir / "snapshots" / commit
+
+
+def test_cached_hub_folder_and_file_resolve_offline(tiny_kit, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # read at import time from the env
+    snap = _put_in_hub_cache(tmp_path, "guoyww/animatediff-motion-adapter-v1-5-2",
+                             {"": tiny_kit["motion_adapter"]})
+    assert resolve(registry.MOTION_ADAPTER) == snap
+    snap = _put_in_hub_cache(tmp_path, "ID-Animator/ID-Animator", {"animator.ckpt": tiny_kit["face_adapter"]},
+                             repo_type="space")
+    assert resolve(registry.FACE_ADAPTER) == snap / "animator.ckpt"
+    snap = _put_in_hub_cache(tmp_path, "h94/IP-Adapter", {"models/image_encoder": tiny_kit["image_encoder"]})
+    assert resolve(registry.IMAGE_ENCODER) == snap / "models" / "image_encoder"
+
+
+def test_generate_without_weights_offline_prints_one_line_not_a_traceback(astronaut_path, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "idanimator", "generate", "--face", str(astronaut_path), "--prompt", "a man",
+         "--out", str(tmp_path / "x.mp4"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: The face adapter")
+    assert "python -m idanimator download" in proc.stderr
