@@ -1,0 +1,252 @@
+"""Video output: browser-playable MP4s, GIFs and PNG frames, written atomically; all offline and fast."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from idanimator.errors import IDAnimatorError, InvalidRequestError
+from idanimator.video import (
+    parse_stream_header,
+    probe_video,
+    read_video,
+    save_video,
+    to_uint8_frames,
+    write_gif,
+    write_mp4,
+    write_png_frames,
+)
+
+
+def gradient(frames: int = 8, height: int = 64, width: int = 64) -> np.ndarray:
+    """A smooth moving gradient, float in [0, 1]: what H.264 keeps almost exactly."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    video = [np.stack([(x / width + i / 32) % 1.0, y / height, np.full_like(x, 0.8 - i / 40)], axis=-1)
+             for i in range(frames)]
+    return np.stack(video).astype(np.float32)
+
+
+def noise(frames: int = 8, height: int = 64, width: int = 64) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames
+
+
+def test_float_and_uint8_inputs_agree():
+    floats = gradient(2)
+    as_uint8 = to_uint8_frames(floats)
+    assert all(f.dtype == np.uint8 and f.shape == (64, 64, 3) for f in as_uint8)
+    again = to_uint8_frames(np.stack(as_uint8))
+    assert all(np.array_equal(a, b) for a, b in zip(as_uint8, again, strict=True))
+    pil = to_uint8_frames([Image.fromarray(f) for f in as_uint8])
+    assert all(np.array_equal(a, b) for a, b in zip(as_uint8, pil, strict=True))
+
+
+def test_float_range_is_clipped_and_gray_or_rgba_become_rgb():
+    out = to_uint8_frames([np.array([[-0.5, 0.5, 2.0]], dtype=np.float32)])[0]
+    assert out.shape == (1, 3, 3) and out[0, :, 0].tolist() == [0, 128, 255]
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    assert to_uint8_frames([rgba])[0].shape == (4, 4, 3)
+
+
+@pytest.mark.parametrize("empty", [[], np.zeros((0, 8, 8, 3), dtype=np.uint8)])
+def test_empty_input_is_a_value_error(empty):
+    with pytest.raises(ValueError, match="no frames"):
+        to_uint8_frames(empty)
+
+
+def test_frames_of_different_sizes_are_refused_before_anything_is_written(tmp_path):
+    frames = [np.zeros((64, 64, 3), np.uint8)] * 3 + [np.zeros((32, 64, 3), np.uint8)]
+    with pytest.raises(ValueError, match="same size"):
+        write_mp4(frames, tmp_path / "out" / "video.mp4")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# MP4
+
+
+@pytest.mark.parametrize("fps", [9, 24])
+def test_mp4_is_browser_playable_and_close_to_the_input(tmp_path, fps):
+    frames = gradient(8, 64, 64)
+    path = write_mp4(frames, tmp_path / "video.mp4", fps=fps)
+    assert path == tmp_path / "video.mp4"
+
+    info = probe_video(path)
+    assert info["codec"] == "h264"
+    assert info["pix_fmt"] == "yuv420p"
+    assert (info["width"], info["height"]) == (64, 64)
+    assert info["fps"] == pytest.approx(fps)
+    assert info["frame_count"] == 8
+
+    decoded = read_video(path)
+    assert decoded.shape == (8, 64, 64, 3) and decoded.dtype == np.uint8
+    error = np.abs(decoded.astype(np.float32) - np.stack(to_uint8_frames(frames)).astype(np.float32)).mean()
+    assert error < 4.0
+
+
+def test_mp4_moov_atom_comes_before_mdat(tmp_path):
+    data = write_mp4(noise(), tmp_path / "video.mp4").read_bytes()
+    moov, mdat = data.find(b"moov"), data.find(b"mdat")
+    assert 0 <= moov < mdat
+
+
+def test_odd_size_is_padded_by_edge_replication(tmp_path):
+    frames = gradient(8, 63, 65)
+    info = probe_video(write_mp4(frames, tmp_path / "odd.mp4"))
+    assert (info["width"], info["height"]) == (66, 64) and info["frame_count"] == 8
+
+    decoded = read_video(tmp_path / "odd.mp4").astype(np.float32)
+    source = np.stack(to_uint8_frames(frames)).astype(np.float32)
+    assert np.abs(decoded[:, :63, :65] - source).mean() < 4.0
+    # The extra row and column repeat the last ones, so they look like the picture's edge.
+    assert np.abs(decoded[:, 63, :65] - source[:, 62]).mean() < 6.0
+    assert np.abs(decoded[:, :63, 65] - source[:, :, 64]).mean() < 6.0
+
+
+def test_uint8_input_and_crf_option(tmp_path):
+    small = write_mp4(noise(), tmp_path / "small.mp4", crf=40)
+    large = write_mp4(noise(), tmp_path / "large.mp4", crf=10)
+    assert small.stat().st_size < large.stat().st_size
+    assert read_video(large).shape == (8, 64, 64, 3)
+
+
+def test_mp4_overwrites_an_existing_file(tmp_path):
+    path = tmp_path / "video.mp4"
+    path.write_bytes(b"old")
+    write_mp4(noise(4), path)
+    assert read_video(path).shape[0] == 4
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", [{"fps": 0}, {"fps": float("nan")}, {"crf": 52}, {"crf": 1.5}])
+def test_bad_settings_are_refused(tmp_path, bad):
+    with pytest.raises(InvalidRequestError):
+        write_mp4(noise(2), tmp_path / "video.mp4", **bad)
+    assert not (tmp_path / "video.mp4").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes and unwritable places
+
+
+def test_ffmpeg_dying_mid_write_leaves_nothing_behind(tmp_path):
+    """A real mid-stream failure: a 2 kB file size limit kills ffmpeg (SIGXFSZ) while it writes mdat."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+    try:
+        with pytest.raises(IDAnimatorError, match="full") as caught:
+            write_mp4(noise(), tmp_path / "video.mp4")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(tmp_path) in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_previous_video(tmp_path):
+    path = write_mp4(noise(3), tmp_path / "video.mp4")
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+    try:
+        with pytest.raises(IDAnimatorError):
+            write_mp4(noise(8), path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif", ""])
+def test_unwritable_folder_is_a_plain_error(tmp_path, suffix):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    target = blocker / f"out{suffix}"
+    with pytest.raises(IDAnimatorError, match="file.txt is a file, not a folder"):
+        save_video(noise(2), target)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    path = save_video(noise(2), tmp_path / "a" / "b" / "video.mp4")
+    assert path.is_file() and leftovers(path.parent) == []
+
+
+def test_target_that_is_a_folder_is_a_plain_error(tmp_path):
+    (tmp_path / "video.mp4").mkdir()
+    with pytest.raises(IDAnimatorError, match="is a folder"):
+        write_mp4(noise(2), tmp_path / "video.mp4")
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# GIF, PNG frames, dispatch
+
+
+def test_gif_loops_with_the_right_frames_and_timing(tmp_path):
+    path = write_gif(noise(), tmp_path / "video.gif", fps=10)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 8
+        assert gif.info["loop"] == 0
+        assert gif.info["duration"] == 100
+        assert gif.size == (64, 64)
+    assert probe_video(path)["frame_count"] == 8
+    assert read_video(path).shape == (8, 64, 64, 3)
+    assert leftovers(tmp_path) == []
+
+
+def test_gif_duration_rounds_to_gif_centiseconds(tmp_path):
+    with Image.open(write_gif(gradient(3), tmp_path / "video.gif", fps=9)) as gif:
+        assert gif.info["duration"] == 110
+
+
+def test_png_frames_are_numbered_and_lossless(tmp_path):
+    frames = noise(3, 63, 65)
+    paths = write_png_frames(frames, tmp_path / "frames")
+    assert [p.name for p in paths] == ["frame_0000.png", "frame_0001.png", "frame_0002.png"]
+    for path, frame in zip(paths, frames, strict=True):
+        assert np.array_equal(np.asarray(Image.open(path)), frame)
+    assert leftovers(tmp_path / "frames") == []
+
+
+def test_save_video_dispatches_by_suffix(tmp_path):
+    assert probe_video(save_video(noise(2), tmp_path / "a.MP4"))["codec"] == "h264"
+    assert probe_video(save_video(noise(2), tmp_path / "a.gif"))["codec"] == "gif"
+    folder = save_video(noise(2), tmp_path / "frames")
+    assert folder == tmp_path / "frames" and len(list(folder.glob("frame_*.png"))) == 2
+    existing = tmp_path / "run.v2"
+    existing.mkdir()
+    save_video(noise(2), existing)
+    assert len(list(existing.glob("frame_*.png"))) == 2
+    with pytest.raises(InvalidRequestError, match=".mp4 or .gif"):
+        save_video(noise(2), tmp_path / "video.avi")
+
+
+def test_read_and_probe_missing_or_broken_files(tmp_path):
+    with pytest.raises(IDAnimatorError, match="does not exist"):
+        read_video(tmp_path / "missing.mp4")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    with pytest.raises(IDAnimatorError, match="could not be read"):
+        read_video(broken)
+    with pytest.raises(IDAnimatorError, match="could not be read"):
+        probe_video(broken)
+
+
+def test_parse_stream_header_handles_commas_inside_parentheses():
+    text = ("  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), "
+            "yuv420p(tv, bt709, progressive), 512x512 [SAR 1:1 DAR 1:1], 11 kb/s, 23.98 fps, 23.98 tbr, 24k tbn")
+    info = parse_stream_header(text)
+    assert info == {"codec": "h264", "profile": "High", "pix_fmt": "yuv420p", "width": 512, "height": 512,
+                    "fps": 23.98}
+    assert parse_stream_header("Stream #0:0: Audio: aac") is None
