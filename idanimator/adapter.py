@@ -44,7 +44,9 @@ _RESAMPLER_PREFIXES = [
     ("layers.{i}.1.3.", "layers.{i}.ff.1.net.2."),
 ]
 _LORA_TARGETS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-_FACE_KEY = re.compile(r"^(\d+)\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora|to_k_face|to_v_face)\.(?:(down|up)\.)?weight$")
+_FACE_KEY = re.compile(
+    r"^(\d+)\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora|to_k_face|to_v_face)\.(?:(down|up)\.)?weight$"
+)
 
 
 @dataclass
@@ -76,8 +78,9 @@ def _read_raw(path: Path) -> dict:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"The face adapter file {path} is damaged or not a safetensors file ({exc}). "
-                                  "Download it again.") from exc
+            raise CheckpointError(
+                f"The face adapter file {path} is damaged or not a safetensors file ({exc}). Download it again."
+            ) from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -184,7 +187,7 @@ def _rename_prefix(key: str, pairs: list[tuple[str, str]]) -> str:
     for source, target in pairs:
         match = re.match(re.escape(source).replace(r"\{i\}", r"(\d+)"), key)
         if match:
-            return target.format(i=match.group(1)) + key[match.end():]
+            return target.format(i=match.group(1)) + key[match.end() :]
     return key
 
 
@@ -273,11 +276,7 @@ def spatial_cross_attention_names(unet) -> list[str]:
     and never counts motion modules. diffusers' UNetMotionModel lists processors in that same module
     order, with motion-module processors interleaved: filtering them out gives index 2*j+1.
     """
-    return [
-        name
-        for name in unet.attn_processors
-        if "motion_modules" not in name and name.endswith("attn2.processor")
-    ]
+    return [name for name in unet.attn_processors if "motion_modules" not in name and name.endswith("attn2.processor")]
 
 
 def _attention_module(unet, processor_name: str):
@@ -296,7 +295,11 @@ def install_face_adapter(unet, weights: FaceAdapterWeights, scale: float = 1.0) 
     expected = [2 * j + 1 for j in range(len(names))]
     if indices != expected:
         extra = sorted(set(indices) - set(expected))
-        hint = f"it has layer {extra[0]}, this UNet has none" if extra else f"layer {sorted(set(expected) - set(indices))[0]} is missing"
+        hint = (
+            f"it has layer {extra[0]}, this UNet has none"
+            if extra
+            else f"layer {sorted(set(expected) - set(indices))[0]} is missing"
+        )
         raise CheckpointError(
             f"The face adapter does not fit this UNet ({len(names)} cross-attention layers): {hint}. "
             "Use an SD1.5 backbone with the SD1.5 face adapter."

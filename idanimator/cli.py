@@ -64,8 +64,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from .weights import describe, resolve
 
-    wanted = [("face adapter", registry.FACE_ADAPTER), ("motion adapter", registry.MOTION_ADAPTER),
-              ("image encoder", registry.IMAGE_ENCODER), ("SD1.5 base model", registry.BASE_MODEL)]
+    wanted = [
+        ("face adapter", registry.FACE_ADAPTER),
+        ("motion adapter", registry.MOTION_ADAPTER),
+        ("image encoder", registry.IMAGE_ENCODER),
+        ("SD1.5 base model", registry.BASE_MODEL),
+    ]
     names = list(registry.BACKBONES) if args.all_backbones else args.backbone or [registry.DEFAULT_BACKBONE]
     wanted += [(f"backbone {name}", name) for name in names]
     for what, source in wanted:
@@ -80,8 +84,10 @@ def _convert(args: argparse.Namespace) -> int:
 
     weights = load_face_adapter_weights(args.input)
     out = save_face_adapter_weights(weights, args.output)
-    print(f"wrote {out} ({len(weights.image_proj)} image_proj + {len(weights.face_adapter)} face_adapter tensors, "
-          f"{weights.num_parameters():,} parameters)")
+    print(
+        f"wrote {out} ({len(weights.image_proj)} image_proj + {len(weights.face_adapter)} face_adapter tensors, "
+        f"{weights.num_parameters():,} parameters)"
+    )
     return 0
 
 
@@ -107,13 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="make a video of the person in the photo(s)")
-    gen.add_argument("--face", action="append", required=True, metavar="PHOTO",
-                     help="a photo of the face; repeat to mix several photos into one identity")
+    gen.add_argument(
+        "--face",
+        action="append",
+        required=True,
+        metavar="PHOTO",
+        help="a photo of the face; repeat to mix several photos into one identity",
+    )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None, help="default: the release's negative prompt")
     gen.add_argument("--out", required=True, type=Path, help=".mp4, .gif, or a folder for PNG frames")
-    gen.add_argument("--backbone", default=registry.DEFAULT_BACKBONE,
-                     help=f"a registry name ({', '.join(registry.BACKBONES)}), a Hub id, or a local folder/file")
+    gen.add_argument(
+        "--backbone",
+        default=registry.DEFAULT_BACKBONE,
+        help=f"a registry name ({', '.join(registry.BACKBONES)}), a Hub id, or a local folder/file",
+    )
     gen.add_argument("--adapter", default=None, help="face adapter: animator.ckpt or .safetensors path")
     gen.add_argument("--motion-adapter", default=None, help="diffusers MotionAdapter folder or Hub id")
     gen.add_argument("--image-encoder", default=None, help="CLIP vision folder or Hub id")
@@ -126,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=512)
     gen.add_argument("--width", type=int, default=512)
     gen.add_argument("--fps", type=int, default=9)
-    gen.add_argument("--no-prompt-suffix", action="store_true",
-                     help="do not append the release's quality words to the prompts")
+    gen.add_argument(
+        "--no-prompt-suffix", action="store_true", help="do not append the release's quality words to the prompts"
+    )
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
     gen.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
@@ -167,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - CUDA OOM and friends, reported without a traceback
         if type(exc).__name__ == "OutOfMemoryError":
-            print("error: the GPU ran out of memory; try fewer frames, a smaller size, or --offload model.",
-                  file=sys.stderr)
+            print(
+                "error: the GPU ran out of memory; try fewer frames, a smaller size, or --offload model.",
+                file=sys.stderr,
+            )
             return 1
         raise

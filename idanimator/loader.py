@@ -83,12 +83,15 @@ class ModelStore:
             if self._shared is None:
                 o = self.options
                 kit = self._tiny_defaults() if o.tiny else {}
-                face_path = resolve(o.face_adapter or kit.get("face_adapter") or registry.FACE_ADAPTER,
-                                    what="face adapter")
-                motion_path = resolve(o.motion_adapter or kit.get("motion_adapter") or registry.MOTION_ADAPTER,
-                                      what="motion adapter")
-                encoder_path = resolve(o.image_encoder or kit.get("image_encoder") or registry.IMAGE_ENCODER,
-                                       what="image encoder")
+                face_path = resolve(
+                    o.face_adapter or kit.get("face_adapter") or registry.FACE_ADAPTER, what="face adapter"
+                )
+                motion_path = resolve(
+                    o.motion_adapter or kit.get("motion_adapter") or registry.MOTION_ADAPTER, what="motion adapter"
+                )
+                encoder_path = resolve(
+                    o.image_encoder or kit.get("image_encoder") or registry.IMAGE_ENCODER, what="image encoder"
+                )
                 face = load_face_adapter_weights(face_path)
                 motion = load_motion_adapter(motion_path)
                 encoder = load_image_encoder(encoder_path)
@@ -123,6 +126,12 @@ class ModelStore:
             o = self.options
             place_pipeline(pipe, o.device, o.dtype, o.offload)
             return IDAnimatorPipeline(
-                pipe, device=o.device, dtype=o.dtype, offload=o.offload, detector=self.detector,
-                face_cache=self.face_cache, face_cache_size=self.face_cache_size, backbone=str(backbone or ""),
+                pipe,
+                device=o.device,
+                dtype=o.dtype,
+                offload=o.offload,
+                detector=self.detector,
+                face_cache=self.face_cache,
+                face_cache_size=self.face_cache_size,
+                backbone=str(backbone or ""),
             )

@@ -64,9 +64,15 @@ def load_backbone(path: Path, base: Path | None) -> BackboneParts:
             if path.suffix not in SINGLE_FILE_SUFFIXES:
                 raise WeightsUnavailableError(f"{path} is not a .safetensors or .ckpt checkpoint.")
             if base is None:
-                raise WeightsUnavailableError("A single-file backbone needs the SD1.5 base folder for its configuration.")
+                raise WeightsUnavailableError(
+                    "A single-file backbone needs the SD1.5 base folder for its configuration."
+                )
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(base), local_files_only=True, safety_checker=None, requires_safety_checker=False,
+                str(path),
+                config=str(base),
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
                 torch_dtype=torch.float32,
             )
             return BackboneParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer)
@@ -80,7 +86,9 @@ def load_backbone(path: Path, base: Path | None) -> BackboneParts:
 
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
         vae = AutoencoderKL.from_pretrained(part("vae"), subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(part("text_encoder"), subfolder="text_encoder", dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(
+            part("text_encoder"), subfolder="text_encoder", dtype=torch.float32
+        )
         tokenizer = CLIPTokenizer.from_pretrained(part("tokenizer"), subfolder="tokenizer")
         return BackboneParts(unet, vae, text_encoder, tokenizer)
     except WeightsUnavailableError:
@@ -133,8 +141,9 @@ def use_per_frame_motion_norms(unet: UNetMotionModel) -> int:
     return count
 
 
-def build_motion_unet(parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights,
-                      id_scale: float = 1.0) -> UNetMotionModel:
+def build_motion_unet(
+    parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights, id_scale: float = 1.0
+) -> UNetMotionModel:
     """SD1.5 UNet + AnimateDiff motion modules + the face adapter, in float32 on the CPU."""
     unet = UNetMotionModel.from_unet2d(parts.unet, motion_adapter)
     use_per_frame_motion_norms(unet)

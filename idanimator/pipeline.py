@@ -109,8 +109,18 @@ class IDAnimatorPipeline:
     prompt. Attribute ``pipe`` is the underlying diffusers pipeline.
     """
 
-    def __init__(self, pipe, *, device: str, dtype: torch.dtype, offload: str = "none", detector=None,
-                 face_cache: OrderedDict | None = None, face_cache_size: int = 32, backbone: str = ""):
+    def __init__(
+        self,
+        pipe,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        offload: str = "none",
+        detector=None,
+        face_cache: OrderedDict | None = None,
+        face_cache_size: int = 32,
+        backbone: str = "",
+    ):
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
@@ -146,8 +156,15 @@ class IDAnimatorPipeline:
         from .loader import LoadOptions, ModelStore
 
         options = LoadOptions.for_device(
-            device, dtype, offload=offload, tiny=tiny, face_adapter=face_adapter, motion_adapter=motion_adapter,
-            image_encoder=image_encoder, base=base, allow_hub_ids=allow_hub_ids,
+            device,
+            dtype,
+            offload=offload,
+            tiny=tiny,
+            face_adapter=face_adapter,
+            motion_adapter=motion_adapter,
+            image_encoder=image_encoder,
+            base=base,
+            allow_hub_ids=allow_hub_ids,
         )
         return ModelStore(options, detector=detector).build(backbone)
 
@@ -212,8 +229,15 @@ class IDAnimatorPipeline:
     ) -> GenerationResult:
         """Make one video. ``face_images`` are photos (paths, PIL images, arrays) or prepared FaceCrops."""
         settings = GenerationSettings(
-            prompt=prompt, negative_prompt=negative_prompt, num_frames=num_frames, steps=steps,
-            guidance_scale=guidance_scale, id_scale=id_scale, seed=seed, height=height, width=width,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_frames=num_frames,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            id_scale=id_scale,
+            seed=seed,
+            height=height,
+            width=width,
             add_prompt_suffix=add_prompt_suffix,
         ).validate()
         from .face import FaceCrop
@@ -224,8 +248,14 @@ class IDAnimatorPipeline:
             crops = self.prepare_faces(images)
         return self.generate(crops, settings, callback=callback, should_stop=should_stop)
 
-    def generate(self, crops: Sequence, settings: GenerationSettings, *, callback: StepCallback | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    def generate(
+        self,
+        crops: Sequence,
+        settings: GenerationSettings,
+        *,
+        callback: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
         """Make one video from prepared face crops and validated settings."""
         warnings = [w for crop in crops for w in getattr(crop, "warnings", [])]
         prompt, negative = self._final_prompts(settings, warnings)

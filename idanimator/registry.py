@@ -57,7 +57,9 @@ _SD15_COMPONENTS = (
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 )
-BASE_MODEL = HubFolder("stable-diffusion-v1-5/stable-diffusion-v1-5", allow_patterns=_SD15_COMPONENTS, ignore_patterns=())
+BASE_MODEL = HubFolder(
+    "stable-diffusion-v1-5/stable-diffusion-v1-5", allow_patterns=_SD15_COMPONENTS, ignore_patterns=()
+)
 
 # AnimateDiff v2 motion module (mm_sd_v15_v2) converted to a diffusers MotionAdapter.
 MOTION_ADAPTER = HubFolder("guoyww/animatediff-motion-adapter-v1-5-2")

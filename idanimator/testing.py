@@ -188,8 +188,12 @@ def random_face_adapter(
     face_adapter = {}
     for j, hidden in enumerate(cross_attention_hidden_sizes):
         i = 2 * j + 1
-        for lora, fan_in in (("to_q_lora", hidden), ("to_k_lora", cross_attention_dim),
-                             ("to_v_lora", cross_attention_dim), ("to_out_lora", hidden)):
+        for lora, fan_in in (
+            ("to_q_lora", hidden),
+            ("to_k_lora", cross_attention_dim),
+            ("to_v_lora", cross_attention_dim),
+            ("to_out_lora", hidden),
+        ):
             face_adapter[f"{i}.{lora}.down.weight"] = rand(rank, fan_in)
             face_adapter[f"{i}.{lora}.up.weight"] = rand(hidden, rank)
         face_adapter[f"{i}.to_k_face.weight"] = rand(hidden, cross_attention_dim, std=0.5)
@@ -204,8 +208,9 @@ def tiny_cross_attention_hidden_sizes(base_folder: str | Path) -> list[int]:
     from .adapter import spatial_cross_attention_names
 
     unet = UNet2DConditionModel.from_pretrained(base_folder, subfolder="unet")
-    return [unet.get_submodule(n.removesuffix(".processor")).to_q.out_features
-            for n in spatial_cross_attention_names(unet)]
+    return [
+        unet.get_submodule(n.removesuffix(".processor")).to_q.out_features for n in spatial_cross_attention_names(unet)
+    ]
 
 
 def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> dict[str, Path]:

@@ -40,7 +40,12 @@ def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source |
     if path.exists():
         return path
     parts = value.split("/")
-    if allow_hub_ids and len(parts) >= 2 and _HUB_ID.match("/".join(parts[:2])) and not value.startswith((".", "/", "~")):
+    if (
+        allow_hub_ids
+        and len(parts) >= 2
+        and _HUB_ID.match("/".join(parts[:2]))
+        and not value.startswith((".", "/", "~"))
+    ):
         if len(parts) > 2 and value.endswith(_SINGLE_FILE_SUFFIXES):
             return HubFile("/".join(parts[:2]), "/".join(parts[2:]))
         if len(parts) == 2:
@@ -84,7 +89,8 @@ def _unavailable(source: Source, what: str, exc: Exception | None = None) -> Wei
     return WeightsUnavailableError(
         f"The {what} {name} is not in the local Hugging Face cache and {how}. "
         "Connect to the internet and run `python -m idanimator download`, "
-        "or point to a local copy (e.g. --backbone PATH, --adapter PATH), or use --tiny to try the app with random weights."
+        "or point to a local copy (e.g. --backbone PATH, --adapter PATH), "
+        "or use --tiny to try the app with random weights."
     )
 
 

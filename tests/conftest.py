@@ -72,5 +72,3 @@ def no_face_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("photos") / "coffee.png"
     Image.fromarray(data.coffee()).save(path)
     return path
-
-

@@ -150,8 +150,10 @@ def test_every_tensor_is_applied_and_motion_modules_untouched(official, tiny_kit
     assert all(".attn2.to_" in k and "motion_modules" not in k for k in changed)
     assert not any(k.endswith("bias") for k in changed)
     face_procs = [unet.attn_processors[n] for n in spatial_cross_attention_names(unet)]
-    assert all(torch.equal(p.to_k_ip[0].weight, official.face_adapter[f"{2 * j + 1}.to_k_face.weight"])
-               for j, p in enumerate(face_procs))
+    assert all(
+        torch.equal(p.to_k_ip[0].weight, official.face_adapter[f"{2 * j + 1}.to_k_face.weight"])
+        for j, p in enumerate(face_procs)
+    )
 
 
 def test_installing_twice_is_refused(official, tiny_kit):
@@ -222,7 +224,9 @@ def release_lora_face_attention(attn, sd, index, hidden, text_len, scale):
         k = attn.to_k(text) + lora("to_k_lora", text)
         v = attn.to_v(text) + lora("to_v_lora", text)
         out = attend(q, k, v)
-        out = out + scale * attend(q, face @ sd[f"{index}.to_k_face.weight"].T, face @ sd[f"{index}.to_v_face.weight"].T)
+        out = out + scale * attend(
+            q, face @ sd[f"{index}.to_k_face.weight"].T, face @ sd[f"{index}.to_v_face.weight"].T
+        )
         return attn.to_out[0](out) + lora("to_out_lora", out)
 
     return forward
@@ -241,8 +245,9 @@ def test_fused_lora_and_face_attention_match_the_release(official, tiny_kit):
     face = torch.randn(2, official.num_tokens, attn.to_k.in_features)
     with torch.no_grad():
         ours = attn(x, encoder_hidden_states=(text, [face]))
-        theirs = release_lora_face_attention(attn_ref, official.face_adapter, index,
-                                             torch.cat([text, face], 1), 7, 0.7)(x)
+        theirs = release_lora_face_attention(
+            attn_ref, official.face_adapter, index, torch.cat([text, face], 1), 7, 0.7
+        )(x)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 

