@@ -114,3 +114,47 @@ def test_generate_without_weights_offline_prints_one_line_not_a_traceback(astron
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: The face adapter")
     assert "python -m idanimator download" in proc.stderr
+
+
+def _copy_base(tiny_kit, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_kit["base"], base)
+    return base
+
+
+def test_truncated_backbone_weights_name_the_file(tiny_kit, tmp_path, detector):
+    from idanimator.pipeline import IDAnimatorPipeline
+
+    base = _copy_base(tiny_kit, tmp_path)
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(WeightsUnavailableError, match=r"backbone at .*base.*delete it and download it again"):
+        IDAnimatorPipeline.from_pretrained(base, tiny=True, device="cpu", detector=detector)
+
+
+def test_backbone_folder_without_weights_is_reported(tiny_kit, tmp_path, detector):
+    from idanimator.pipeline import IDAnimatorPipeline
+
+    base = _copy_base(tiny_kit, tmp_path)
+    (base / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsUnavailableError, match="incomplete or corrupt"):
+        IDAnimatorPipeline.from_pretrained(base, tiny=True, device="cpu", detector=detector)
+
+
+def test_corrupt_single_file_backbone_is_reported(tiny_kit, tmp_path, detector):
+    from idanimator.pipeline import IDAnimatorPipeline
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsUnavailableError, match="model.safetensors"):
+        IDAnimatorPipeline.from_pretrained(bad, tiny=True, device="cpu", detector=detector)
+
+
+def test_corrupt_motion_adapter_is_reported(tiny_kit, tmp_path, detector):
+    from idanimator.pipeline import IDAnimatorPipeline
+
+    motion = tmp_path / "motion"
+    shutil.copytree(tiny_kit["motion_adapter"], motion)
+    (motion / "config.json").write_text("{ not json")
+    with pytest.raises(WeightsUnavailableError, match="motion adapter"):
+        IDAnimatorPipeline.from_pretrained(tiny=True, motion_adapter=motion, device="cpu", detector=detector)
