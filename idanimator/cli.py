@@ -17,14 +17,26 @@ from .errors import IDAnimatorError
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import IDAnimatorPipeline
+    from .face import crop_face, get_detector
+    from .pipeline import GenerationSettings, IDAnimatorPipeline
     from .video import save_video
 
-    detector = None
-    if args.detector != "auto":
-        from .face import get_detector
+    # Cheap checks first: a bad setting or a photo without a face is reported before any model loads.
+    settings = GenerationSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_frames=args.frames,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        id_scale=args.id_scale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        add_prompt_suffix=not args.no_prompt_suffix,
+    ).validate()
+    detector = get_detector(args.detector)
+    crops = [crop_face(face, detector) for face in args.face]
 
-        detector = get_detector(args.detector)
     dtype = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipe = IDAnimatorPipeline.from_pretrained(
         args.backbone,
@@ -40,19 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if pipe.device == "cpu" and not args.tiny:
         print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
-    result = pipe(
-        args.face,
-        args.prompt,
-        args.negative_prompt,
-        num_frames=args.frames,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        id_scale=args.id_scale,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        add_prompt_suffix=not args.no_prompt_suffix,
-    )
+    result = pipe.generate(crops, settings)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = save_video(result.frames, args.out, fps=args.fps)
@@ -170,9 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own output: the libraries' loading bars and notices go."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in {"generate", "make-tiny", "convert-checkpoint"}:
+            _quiet_libraries()
         return args.run(args)
     except IDAnimatorError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -167,7 +167,7 @@ def assemble_pipeline(parts: BackboneParts, unet: UNetMotionModel, image_encoder
         feature_extractor=CLIPImageProcessor(),
         image_encoder=image_encoder,
     )
-    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    pipe.set_progress_bar_config(desc="denoising", leave=True)
     return pipe
 
 
