@@ -257,6 +257,8 @@ class IDAnimatorPipeline:
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Make one video from prepared face crops and validated settings."""
+        if should_stop is not None and should_stop():  # stopped while waiting in a queue
+            raise GenerationCancelled("Generation was stopped.")
         warnings = [w for crop in crops for w in getattr(crop, "warnings", [])]
         prompt, negative = self._final_prompts(settings, warnings)
         seed = draw_seed() if settings.seed in (None, -1) else int(settings.seed)
