@@ -31,7 +31,8 @@ def describe(source: str | Source) -> str:
 
 
 def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source | Path:
-    """A registry name, an existing local path, or a Hub id ("owner/name" or "owner/name/file.safetensors")."""
+    """A registry name, an existing local path, or a Hub id: "owner/name" or "owner/name/file.safetensors",
+    either with an optional "@revision" (branch, tag or commit)."""
     if isinstance(value, (HubFolder, HubFile)):
         return value
     if value in BACKBONES:
@@ -39,6 +40,8 @@ def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source |
     path = Path(value).expanduser()
     if path.exists():
         return path
+    value, _, revision = value.partition("@")
+    revision = revision or None
     parts = value.split("/")
     if (
         allow_hub_ids
@@ -47,9 +50,9 @@ def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source |
         and not value.startswith((".", "/", "~"))
     ):
         if len(parts) > 2 and value.endswith(_SINGLE_FILE_SUFFIXES):
-            return HubFile("/".join(parts[:2]), "/".join(parts[2:]))
+            return HubFile("/".join(parts[:2]), "/".join(parts[2:]), revision=revision)
         if len(parts) == 2:
-            return HubFolder(value)
+            return HubFolder(value, revision=revision)
     if not allow_hub_ids and _HUB_ID.match(value):
         raise WeightsUnavailableError(f"{value!r} is not one of the offered models ({', '.join(BACKBONES)}).")
     names = ", ".join(BACKBONES)

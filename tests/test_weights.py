@@ -19,6 +19,8 @@ def test_registry_names_and_hub_ids_parse():
     assert parse_source("realistic-vision-v6") == registry.BACKBONES["realistic-vision-v6"].source
     assert parse_source("emilianJR/epiCRealism") == HubFolder("emilianJR/epiCRealism")
     assert parse_source("owner/repo/sub/model.safetensors") == HubFile("owner/repo", "sub/model.safetensors")
+    assert parse_source("owner/repo@v1.0") == HubFolder("owner/repo", revision="v1.0")
+    assert parse_source("owner/repo/m.safetensors@abc") == HubFile("owner/repo", "m.safetensors", revision="abc")
 
 
 def test_local_paths_win(tmp_path):
