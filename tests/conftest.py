@@ -19,6 +19,12 @@ os.environ["HF_HUB_CACHE"] = str(_SESSION_DIR / "hf-cache")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_kit() -> dict[str, Path]:
     from idanimator.testing import build_tiny_kit, default_tiny_dir
