@@ -92,11 +92,12 @@ def draw_seed() -> int:
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray  # [frames, height, width, 3] float32 in [0, 1]
+    frames: np.ndarray | None  # [frames, height, width, 3] float32 in [0, 1]
     seed: int
     settings: GenerationSettings
     faces: list = field(default_factory=list)  # the FaceCrop of each photo (what the model saw)
     warnings: list[str] = field(default_factory=list)
+    latents: torch.Tensor | None = None  # [1, 4, frames, h/8, w/8], from denoise() before decoding
 
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, latents)
@@ -257,6 +258,21 @@ class IDAnimatorPipeline:
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Make one video from prepared face crops and validated settings."""
+        result = self.denoise(crops, settings, callback=callback, should_stop=should_stop)
+        result.frames = self.decode(result.latents)
+        result.latents = None
+        return result
+
+    def denoise(
+        self,
+        crops: Sequence,
+        settings: GenerationSettings,
+        *,
+        callback: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Run the denoising loop only; the result holds ``latents`` (decode them with :meth:`decode`,
+        all at once or a few frames at a time, e.g. to stream the video as it is decoded)."""
         if should_stop is not None and should_stop():  # stopped while waiting in a queue
             raise GenerationCancelled("Generation was stopped.")
         warnings = [w for crop in crops for w in getattr(crop, "warnings", [])]
@@ -287,13 +303,25 @@ class IDAnimatorPipeline:
                 guidance_scale=settings.guidance_scale,
                 generator=generator,
                 ip_adapter_image_embeds=[embeds.to(device=device, dtype=self.dtype)],
-                output_type="np",
+                output_type="latent",
                 callback_on_step_end=on_step_end,
             )
         finally:
             self.pipe.maybe_free_model_hooks()
-        frames = np.asarray(output.frames[0], dtype=np.float32)
-        return GenerationResult(frames=frames, seed=seed, settings=settings, faces=list(crops), warnings=warnings)
+        return GenerationResult(
+            frames=None, latents=output.frames, seed=seed, settings=settings, faces=list(crops), warnings=warnings
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``start:stop`` of denoised latents as [frames, height, width, 3] float32 in [0, 1]."""
+        chunk = latents[:, :, start:stop]
+        try:
+            video = self.pipe.decode_latents(chunk, decode_chunk_size=8)
+            frames = self.pipe.video_processor.postprocess_video(video=video, output_type="np")
+        finally:
+            self.pipe.maybe_free_model_hooks()
+        return np.asarray(frames[0], dtype=np.float32)
 
     def _final_prompts(self, settings: GenerationSettings, warnings: list[str]) -> tuple[str, str]:
         prompt = settings.prompt + (PROMPT_SUFFIX if settings.add_prompt_suffix else "")

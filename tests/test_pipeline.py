@@ -207,3 +207,13 @@ def test_converted_checkpoint_generates_the_identical_video(tiny_kit, tiny_pipe,
     assert main(["convert-checkpoint", str(tiny_kit["face_adapter"]), str(out)]) == 0
     converted = IDAnimatorPipeline.from_pretrained(tiny=True, face_adapter=out, device="cpu", detector=detector)
     assert np.array_equal(generate(converted, crops[:1]).frames, generate(tiny_pipe, crops[:1]).frames)
+
+
+def test_decoding_in_chunks_gives_the_same_frames(tiny_pipe, crops):
+    from idanimator.pipeline import GenerationSettings
+
+    settings = GenerationSettings(prompt="a man", seed=5, **TINY_SETTINGS).validate()
+    whole = tiny_pipe.generate(crops[:1], settings).frames
+    latents = tiny_pipe.denoise(crops[:1], settings).latents
+    parts = np.concatenate([tiny_pipe.decode(latents, i, i + 3) for i in range(0, 8, 3)])
+    np.testing.assert_allclose(parts, whole, atol=1e-5)
