@@ -32,3 +32,7 @@ class CheckpointError(IDAnimatorError):
 
 class DetectorUnavailableError(IDAnimatorError):
     """No face detector back end can be loaded."""
+
+
+class GPUOutOfMemoryError(IDAnimatorError):
+    """The GPU ran out of memory during a request (caches were freed)."""
