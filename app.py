@@ -55,16 +55,43 @@ def show_faces(files):
 
 
 @spaces.GPU(duration=180)
-def generate(files, prompt, negative_prompt, add_suffix, backbone, custom_backbone, seed, randomize, id_scale,
-             frames, steps, guidance, fps, resolution, history, request: gr.Request, progress=gr.Progress()):
+def generate(
+    files,
+    prompt,
+    negative_prompt,
+    add_suffix,
+    backbone,
+    custom_backbone,
+    seed,
+    randomize,
+    id_scale,
+    frames,
+    steps,
+    guidance,
+    fps,
+    resolution,
+    history,
+    request: gr.Request,
+    progress=gr.Progress(),
+):
     """Stream progress, previews and video chunks; end with the full MP4, the seed used and the history."""
     stop = threading.Event()
     session = getattr(request, "session_hash", None) or "local"
     _stops[session] = stop
     job = Request(
-        faces=_paths(files), prompt=prompt or "", negative_prompt=negative_prompt or "", add_prompt_suffix=add_suffix,
-        backbone=backbone, seed=seed, randomize_seed=randomize, id_scale=id_scale, num_frames=frames,
-        steps=steps, guidance_scale=guidance, fps=fps, resolution=resolution,
+        faces=_paths(files),
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or "",
+        add_prompt_suffix=add_suffix,
+        backbone=backbone,
+        seed=seed,
+        randomize_seed=randomize,
+        id_scale=id_scale,
+        num_frames=frames,
+        steps=steps,
+        guidance_scale=guidance,
+        fps=fps,
+        resolution=resolution,
     )
     history = list(history or [])
     try:
@@ -122,44 +149,70 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
             gr.Markdown(engine.banner(), elem_id="banner")
         with gr.Row():
             with gr.Column():
-                files = gr.File(label="Face photo(s) — several photos are mixed into one identity",
-                                file_count="multiple", file_types=["image"], elem_id="faces")
-                crops = gr.Gallery(label="What the model sees (aligned faces)", columns=4, height=140)
+                files = gr.File(
+                    label="Face photo(s) — several photos are mixed into one identity",
+                    file_count="multiple",
+                    file_types=["image"],
+                    elem_id="faces",
+                )
+                crops = gr.Gallery(
+                    label="What the model sees (aligned faces)", columns=4, height=160, object_fit="contain"
+                )
                 face_notes = gr.Markdown()
-                prompt = gr.Textbox(label="Prompt", placeholder="a man playing guitar on a beach at sunset",
-                                    elem_id="prompt")
+                prompt = gr.Textbox(
+                    label="Prompt", placeholder="a man playing guitar on a beach at sunset", elem_id="prompt"
+                )
                 negative = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2)
                 add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
-                backbone = gr.Dropdown(engine.backbone_choices(), value=defaults["backbone"], label="Backbone",
-                                       elem_id="backbone")
-                custom_backbone = gr.Textbox(label="Local backbone file/folder or Hub id (operator option)",
-                                             visible=engine.options.allow_custom_backbones)
+                backbone = gr.Dropdown(
+                    engine.backbone_choices(), value=defaults["backbone"], label="Backbone", elem_id="backbone"
+                )
+                custom_backbone = gr.Textbox(
+                    label="Local backbone file/folder or Hub id (operator option)",
+                    visible=engine.options.allow_custom_backbones,
+                )
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=985, precision=0, minimum=0, maximum=2**32 - 1,
-                                     elem_id="seed")
+                    seed = gr.Number(label="Seed", value=985, precision=0, minimum=0, maximum=2**32 - 1, elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
                 with gr.Accordion("Advanced", open=False):
-                    id_scale = gr.Slider(0, 1.5, value=defaults["id_scale"], step=0.05,
-                                         label="ID scale (higher: more like the photo; lower: follows the prompt)")
+                    id_scale = gr.Slider(
+                        0,
+                        1.5,
+                        value=defaults["id_scale"],
+                        step=0.05,
+                        label="ID scale (higher: more like the photo; lower: follows the prompt)",
+                    )
                     frames = gr.Slider(8, 32, value=defaults["num_frames"], step=1, label="Frames")
                     steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps")
                     guidance = gr.Slider(1, 15, value=defaults["guidance_scale"], step=0.5, label="Guidance scale")
                     fps = gr.Slider(1, 30, value=defaults["fps"], step=1, label="Frames per second")
-                    resolution = gr.Radio(list(engine.resolutions()), value=defaults["resolution"],
-                                          label="Resolution (height x width)")
+                    resolution = gr.Radio(
+                        list(engine.resolutions()), value=defaults["resolution"], label="Resolution (height x width)"
+                    )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", elem_id="stop")
             with gr.Column():
                 preview = gr.Image(label="Preview while denoising", height=140, interactive=False)
-                live = gr.Video(label="Streaming", streaming=True, autoplay=True, visible=STREAMING,
-                                elem_id="live")
+                live = gr.Video(label="Streaming", streaming=True, autoplay=True, visible=STREAMING, elem_id="live")
                 result = gr.Video(label="Result", elem_id="result", buttons=["download"])
                 seed_used = gr.Markdown(elem_id="seed-used")
                 gallery = gr.Gallery(label="This session's videos", columns=3, height=200)
-                table = gr.Dataframe(headers=["seed", "prompt", "backbone", "frames", "steps", "guidance",
-                                              "ID scale", "height", "width"], label="Settings of earlier videos",
-                                     interactive=False)
+                table = gr.Dataframe(
+                    headers=[
+                        "seed",
+                        "prompt",
+                        "backbone",
+                        "frames",
+                        "steps",
+                        "guidance",
+                        "ID scale",
+                        "height",
+                        "width",
+                    ],
+                    label="Settings of earlier videos",
+                    interactive=False,
+                )
         history = gr.State([])
         last_seed = gr.Number(visible=False)
 
@@ -167,16 +220,33 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         astronaut = os.path.join(examples_dir, "astronaut.jpg")
         if os.path.exists(astronaut):
             gr.Examples(
-                examples=[[[astronaut], "an astronaut smiling and waving, floating in a space station"],
-                          [[astronaut], "a man in a suit giving a speech on a stage"]],
+                examples=[
+                    [[astronaut], "an astronaut smiling and waving, floating in a space station"],
+                    [[astronaut], "a man in a suit giving a speech on a stage"],
+                ],
                 inputs=[files, prompt],
             )
 
         files.change(show_faces, files, [crops, face_notes], api_name="faces")
         event = run.click(
             generate,
-            [files, prompt, negative, add_suffix, backbone, custom_backbone, seed, randomize, id_scale, frames,
-             steps, guidance, fps, resolution, history],
+            [
+                files,
+                prompt,
+                negative,
+                add_suffix,
+                backbone,
+                custom_backbone,
+                seed,
+                randomize,
+                id_scale,
+                frames,
+                steps,
+                guidance,
+                fps,
+                resolution,
+                history,
+            ],
             [live, preview, result, seed_used, last_seed, history],
             api_name="generate",
         )
@@ -194,17 +264,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto")
     parser.add_argument("--tiny", action="store_true", help="random tiny weights (no download)")
-    parser.add_argument("--allow-custom-backbones", action="store_true",
-                        help="let users load local files/folders and any Hub id (operators only)")
+    parser.add_argument(
+        "--allow-custom-backbones",
+        action="store_true",
+        help="let users load local files/folders and any Hub id (operators only)",
+    )
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
-    engine = Studio(StudioOptions(device=args.device, offload=args.offload, tiny=args.tiny,
-                                  allow_custom_backbones=args.allow_custom_backbones, output_dir=args.output_dir))
+    engine = Studio(
+        StudioOptions(
+            device=args.device,
+            offload=args.offload,
+            tiny=args.tiny,
+            allow_custom_backbones=args.allow_custom_backbones,
+            output_dir=args.output_dir,
+        )
+    )
     if engine.tiny:
         print(f"Starting in tiny mode (random weights): {engine.tiny_reason}")
     demo = build_demo(engine)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-                allowed_paths=[str(engine.outputs.root)])
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(engine.outputs.root)],
+    )
 
 
 if __name__ == "__main__":

@@ -332,9 +332,7 @@ class IDAnimatorPipeline:
         prompt, cut = fit_to_tokens(prompt, tokenizer)
         if cut:
             warnings.append("The prompt is longer than the text encoder's 77 tokens; the end was cut off.")
-        negative, cut = fit_to_tokens(negative, tokenizer)
-        if cut:
-            warnings.append("The negative prompt is longer than 77 tokens; the end was cut off.")
+        negative, _ = fit_to_tokens(negative, tokenizer)  # the release's own default is longer: no warning
         return prompt, negative
 
 

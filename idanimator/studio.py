@@ -131,7 +131,7 @@ class Studio:
         if offload == "auto":
             offload = choose_offload(free_gpu_memory(device))
         base = LoadOptions.for_device(device, offload=offload, allow_hub_ids=options.allow_custom_backbones)
-        self.tiny_reason = "forced with --tiny" if options.tiny else real_weights_problem(base)
+        self.tiny_reason = "forced with --tiny." if options.tiny else real_weights_problem(base)
         self.tiny = self.tiny_reason is not None
         load = LoadOptions.for_device(
             device, offload=offload, tiny=self.tiny, allow_hub_ids=options.allow_custom_backbones
@@ -170,10 +170,24 @@ class Studio:
     def defaults(self) -> dict:
         """Slider defaults: the release's, or ones a CPU renders in seconds in tiny mode."""
         if self.tiny:
-            return dict(num_frames=8, steps=4, guidance_scale=8.0, id_scale=0.8, fps=9,
-                        resolution=next(iter(TINY_RESOLUTIONS)), backbone="tiny")
-        return dict(num_frames=16, steps=30, guidance_scale=8.0, id_scale=0.8, fps=9,
-                    resolution=next(iter(RESOLUTIONS)), backbone=registry.DEFAULT_BACKBONE)
+            return dict(
+                num_frames=8,
+                steps=4,
+                guidance_scale=8.0,
+                id_scale=0.8,
+                fps=9,
+                resolution=next(iter(TINY_RESOLUTIONS)),
+                backbone="tiny",
+            )
+        return dict(
+            num_frames=16,
+            steps=30,
+            guidance_scale=8.0,
+            id_scale=0.8,
+            fps=9,
+            resolution=next(iter(RESOLUTIONS)),
+            backbone=registry.DEFAULT_BACKBONE,
+        )
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -217,13 +231,25 @@ class Studio:
         if seed is not None and not isinstance(seed, int):
             seed = int(seed) if float(seed).is_integer() else seed
         return GenerationSettings(
-            prompt=request.prompt, negative_prompt=request.negative_prompt, num_frames=request.num_frames,
-            steps=request.steps, guidance_scale=request.guidance_scale, id_scale=request.id_scale, seed=seed,
-            height=height, width=width, add_prompt_suffix=request.add_prompt_suffix,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_frames=request.num_frames,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            id_scale=request.id_scale,
+            seed=seed,
+            height=height,
+            width=width,
+            add_prompt_suffix=request.add_prompt_suffix,
         ).validate()
 
-    def run(self, request: Request, stop: threading.Event | None = None, stream: bool = True,
-            preview_every: int | None = None) -> Iterator[Progress | Segment | Finished]:
+    def run(
+        self,
+        request: Request,
+        stop: threading.Event | None = None,
+        stream: bool = True,
+        preview_every: int | None = None,
+    ) -> Iterator[Progress | Segment | Finished]:
         """Generate one video, yielding progress (with previews), streamed segments, then the result.
 
         Raises IDAnimatorError subclasses with user-facing sentences; GenerationCancelled when stopped.
@@ -252,8 +278,9 @@ class Studio:
 
                 def work():
                     try:
-                        result_holder["result"] = pipe.denoise(crops, settings, callback=on_step,
-                                                               should_stop=stop.is_set)
+                        result_holder["result"] = pipe.denoise(
+                            crops, settings, callback=on_step, should_stop=stop.is_set
+                        )
                     except BaseException as exc:  # handed to the caller's thread below
                         worker_error.append(exc)
 
@@ -298,5 +325,6 @@ class Studio:
                 if stop.is_set():
                     release_memory()
         record = {**asdict(settings), "seed": result.seed, "fps": request.fps, "backbone": request.backbone}
-        yield Finished(video=video, seed=result.seed, settings=record, warnings=result.warnings,
-                       seconds=time.monotonic() - started)
+        yield Finished(
+            video=video, seed=result.seed, settings=record, warnings=result.warnings, seconds=time.monotonic() - started
+        )

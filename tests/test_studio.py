@@ -1,0 +1,142 @@
+"""The app's engine without the widgets: the pipeline cache, backbone switches, outputs, stop and errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from idanimator.errors import InvalidRequestError, NoFaceError
+from idanimator.pipeline import GenerationCancelled
+from idanimator.studio import Finished, OutputFolder, Progress, Request, Segment, Studio, StudioOptions
+from idanimator.video import read_video
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_kit, detector, tmp_path_factory):
+    return Studio(
+        StudioOptions(tiny=True, device="cpu", output_dir=tmp_path_factory.mktemp("outputs")), detector=detector
+    )
+
+
+def request(face, **overrides):
+    values = dict(
+        faces=[face],
+        prompt="a man smiling",
+        backbone="tiny",
+        seed=11,
+        randomize_seed=False,
+        num_frames=8,
+        steps=3,
+        fps=8,
+        resolution="64x64 (tiny)",
+    )
+    return Request(**{**values, **overrides})
+
+
+def finish(studio, req, **kwargs):
+    events = list(studio.run(req, **kwargs))
+    assert isinstance(events[-1], Finished)
+    return events
+
+
+def test_tiny_mode_says_why_and_how_to_get_real_weights(studio):
+    assert studio.tiny and "random" in studio.banner() and "python -m idanimator download" in studio.banner()
+
+
+def test_without_real_weights_the_studio_falls_back_to_tiny(tiny_kit, detector):
+    engine = Studio(StudioOptions(device="cpu"), detector=detector)  # the Hub is offline in tests
+    assert engine.tiny and "not in the local Hugging Face cache" in engine.tiny_reason
+
+
+def test_a_run_streams_progress_previews_segments_then_the_video(studio, astronaut_path):
+    events = finish(studio, request(astronaut_path))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3]
+    assert any(p.preview is not None for p in progress)
+    segments = [e for e in events if isinstance(e, Segment)]
+    assert len(segments) == 2  # 8 frames in chunks of 4
+    assert sum(read_video(s.path).shape[0] for s in segments) == 8
+    done = events[-1]
+    assert read_video(done.video).shape == (8, 64, 64, 3)
+    assert done.seed == 11 and done.settings["seed"] == 11
+
+
+def test_second_request_does_not_reload_models(studio, astronaut_path):
+    finish(studio, request(astronaut_path))
+    loads = dict(studio.service.store.loads)
+    finish(studio, request(astronaut_path, seed=12))
+    assert dict(studio.service.store.loads) == loads
+
+
+def test_same_seed_same_video(studio, astronaut_path):
+    a = finish(studio, request(astronaut_path))[-1].video
+    b = finish(studio, request(astronaut_path))[-1].video
+    assert a != b and np.array_equal(read_video(a), read_video(b))
+
+
+def test_backbone_switch_keeps_the_shared_parts(studio, astronaut_path):
+    finish(studio, request(astronaut_path, backbone="tiny"))
+    before = dict(studio.service.store.loads)
+    finish(studio, request(astronaut_path, backbone="tiny-single-file"))
+    after = dict(studio.service.store.loads)
+    assert after["backbone"] == before["backbone"] + 1
+    for part in ("motion_adapter", "image_encoder", "face_adapter"):
+        assert after[part] == before[part] == 1
+    assert studio.service.current_backbone.endswith("tiny-backbone.safetensors")
+
+
+def test_face_embeddings_are_cached_across_requests_and_backbones(studio, astronaut_path):
+    finish(studio, request(astronaut_path, backbone="tiny"))
+    cached = len(studio.service.store.face_cache)
+    finish(studio, request(astronaut_path, backbone="tiny-single-file", seed=3))
+    assert len(studio.service.store.face_cache) == cached
+
+
+def test_unknown_or_custom_backbones_are_refused_on_a_public_server(studio, astronaut_path):
+    with pytest.raises(InvalidRequestError, match="pick one from the list"):
+        list(studio.run(request(astronaut_path, backbone="/etc/passwd")))
+    with pytest.raises(InvalidRequestError, match="switched off"):
+        studio.backbone_source("tiny", "/some/local/model.safetensors")
+
+
+def test_no_face_is_an_error_and_the_next_request_works(studio, no_face_path, astronaut_path):
+    with pytest.raises(NoFaceError):
+        list(studio.run(request(no_face_path)))
+    finish(studio, request(astronaut_path))
+
+
+def test_stop_ends_the_run_at_the_next_step_and_the_next_request_works(studio, astronaut_path):
+    stop = threading.Event()
+    seen = []
+    with pytest.raises(GenerationCancelled):
+        for event in studio.run(request(astronaut_path, steps=20), stop=stop, preview_every=100):
+            seen.append(event)
+            stop.set()
+    assert len([e for e in seen if isinstance(e, Progress)]) < 20
+    finish(studio, request(astronaut_path))
+
+
+def test_out_of_range_values_from_the_api_are_refused(studio, astronaut_path):
+    for overrides in ({"num_frames": 999}, {"resolution": "4096x4096"}, {"fps": 0}, {"guidance_scale": float("nan")}):
+        with pytest.raises(InvalidRequestError):
+            list(studio.run(request(astronaut_path, **overrides)))
+
+
+def test_output_folder_is_pruned_by_count_and_age(tmp_path):
+    folder = OutputFolder(tmp_path, max_files=3, max_age_s=3600)
+    paths = []
+    for i in range(5):
+        path = folder.new_path(".mp4")
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 10 + i, time.time() - 10 + i))
+        paths.append(path)
+    old = folder.new_path(".mp4")
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    folder.prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths[2:])
+    assert len({p.name for p in paths}) == 5  # random names never collide
