@@ -27,14 +27,14 @@ RELEASE_PARAMETERS = 61_817_856
 
 
 def build_parts():
+    import tempfile
+    from pathlib import Path
+
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from idanimator.models import BackboneParts
     from idanimator.testing import _tiny_tokenizer  # byte-level tokenizer; the text encoder is full size
-
-    import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tiny_tokenizer(Path(tmp))
@@ -48,14 +48,29 @@ def build_parts():
         sample_size=512,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                       projection_dim=768)
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
     )
     # The tokenizer is byte-level (a few hundred ids); the embedding table keeps CLIP-L's size.
     image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                         patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
+        CLIPVisionConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+            projection_dim=1024,
+            hidden_act="gelu",
+        )
     )
     motion_adapter = MotionAdapter(motion_max_seq_length=32, use_motion_mid_block=True)
     return BackboneParts(unet, vae, text_encoder, tokenizer), motion_adapter, image_encoder
@@ -92,14 +107,16 @@ def main() -> None:
     names = spatial_cross_attention_names(probe)
     sizes = [probe.get_submodule(n.removesuffix(".processor")).to_q.out_features for n in names]
     del probe
-    face = random_face_adapter(sizes, cross_attention_dim=768, clip_dim=1280, resampler_hidden=768,
-                               num_tokens=16, rank=128)
+    face = random_face_adapter(
+        sizes, cross_attention_dim=768, clip_dim=1280, resampler_hidden=768, num_tokens=16, rank=128
+    )
     counts = (len(face.image_proj), len(face.face_adapter), face.num_parameters())
-    print(f"face adapter: {counts[0]} image_proj + {counts[1]} face_adapter tensors, {counts[2]:,} parameters "
-          f"(release: {RELEASE_IMAGE_PROJ_TENSORS} + {RELEASE_FACE_ADAPTER_TENSORS}, {RELEASE_PARAMETERS:,})")
+    print(
+        f"face adapter: {counts[0]} image_proj + {counts[1]} face_adapter tensors, {counts[2]:,} parameters "
+        f"(release: {RELEASE_IMAGE_PROJ_TENSORS} + {RELEASE_FACE_ADAPTER_TENSORS}, {RELEASE_PARAMETERS:,})"
+    )
     assert counts == (RELEASE_IMAGE_PROJ_TENSORS, RELEASE_FACE_ADAPTER_TENSORS, RELEASE_PARAMETERS)
-    print(f"cross-attention layers: {len(names)} (indices 1..{2 * len(names) - 1}); "
-          f"motion-module processors skipped")
+    print(f"cross-attention layers: {len(names)} (indices 1..{2 * len(names) - 1}); motion-module processors skipped")
 
     face_image = Image.new("RGB", (224, 224), (180, 140, 120))
     dtype = torch.float16 if cuda else torch.float32
@@ -111,12 +128,13 @@ def main() -> None:
         pipe = assemble_pipeline(parts, unet, image_encoder)
         place_pipeline(pipe, args.device, dtype, mode)
         model = IDAnimatorPipeline(pipe, device=args.device, dtype=dtype, offload=mode)
-        settings = GenerationSettings(prompt="a person smiling", num_frames=frames, steps=steps, height=size,
-                                      width=size, seed=0).validate()
+        settings = GenerationSettings(
+            prompt="a person smiling", num_frames=frames, steps=steps, height=size, width=size, seed=0
+        ).validate()
         step_times = []
         last = [time.perf_counter()]
 
-        def on_step(step, total, latents):
+        def on_step(step, total, latents, step_times=step_times, last=last):
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now
@@ -132,8 +150,10 @@ def main() -> None:
         total = time.perf_counter() - t
         per_step = sorted(step_times)[len(step_times) // 2]
         peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else float("nan")
-        print(f"{mode:<11}{f'{size}x{size}':>10}{frames:>7}{steps:>6}{per_step:>9.3f}{total:>9.1f}{peak:>10.2f}"
-              f"   (face adapter install + LoRA fusion {install_s:.1f} s)")
+        print(
+            f"{mode:<11}{f'{size}x{size}':>10}{frames:>7}{steps:>6}{per_step:>9.3f}{total:>9.1f}{peak:>10.2f}"
+            f"   (face adapter install + LoRA fusion {install_s:.1f} s)"
+        )
         del model, pipe, unet
         gc.collect()
         if cuda:

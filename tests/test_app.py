@@ -7,7 +7,6 @@ import pytest
 from gradio_client import Client, handle_file
 
 from idanimator.video import read_video
-
 from tests.conftest import running_app
 
 
