@@ -143,7 +143,8 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         _studio = engine
     engine = studio()
     defaults = engine.defaults()
-    with gr.Blocks(title="idanimator") as demo:
+    # Gradio keeps its own copies of served files: drop them after an hour, checked hourly.
+    with gr.Blocks(title="idanimator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
         if engine.banner():
             gr.Markdown(engine.banner(), elem_id="banner")
@@ -269,17 +270,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="let users load local files/folders and any Hub id (operators only)",
     )
-    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
+    parser.add_argument("--max-outputs", type=int, default=200, help="files kept in the output folder")
     args = parser.parse_args(argv)
-    engine = Studio(
-        StudioOptions(
-            device=args.device,
-            offload=args.offload,
-            tiny=args.tiny,
-            allow_custom_backbones=args.allow_custom_backbones,
-            output_dir=args.output_dir,
-        )
+    options = StudioOptions(
+        device=args.device,
+        offload=args.offload,
+        tiny=args.tiny,
+        allow_custom_backbones=args.allow_custom_backbones,
+        output_dir=args.output_dir,
+        max_outputs=args.max_outputs,
     )
+    try:
+        engine = Studio(options)
+    except IDAnimatorError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if engine.tiny:
         print(f"Starting in tiny mode (random weights): {engine.tiny_reason}")
     demo = build_demo(engine)

@@ -84,7 +84,15 @@ class OutputFolder:
         self.root = root
         self.max_files = max_files
         self.max_age_s = max_age_s
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test-{secrets.token_hex(4)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise IDAnimatorError(
+                f"The output folder {root} cannot be written ({exc.strerror or exc}); choose another with --output-dir."
+            ) from exc
 
     def new_path(self, suffix: str) -> Path:
         return self.root / f"{secrets.token_hex(8)}{suffix}"

@@ -140,3 +140,30 @@ def test_output_folder_is_pruned_by_count_and_age(tmp_path):
     folder.prune()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths[2:])
     assert len({p.name for p in paths}) == 5  # random names never collide
+
+
+def test_cuda_out_of_memory_is_caught_memory_freed_and_the_next_request_runs(studio, astronaut_path, monkeypatch):
+    import torch
+
+    from idanimator.errors import GPUOutOfMemoryError
+
+    finish(studio, request(astronaut_path))
+    pipe = studio.service.pipeline(str(studio.backbone_source("tiny")))
+
+    def out_of_memory(*args, **kwargs):  # the fault, injected where CUDA would raise it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipe, "denoise", out_of_memory)
+    with pytest.raises(GPUOutOfMemoryError, match="fewer frames"):
+        list(studio.run(request(astronaut_path)))
+    assert studio.service.current_backbone is None  # the pipeline was dropped and memory released
+    finish(studio, request(astronaut_path))  # rebuilt, works
+
+
+def test_unwritable_output_folder_is_a_sentence(tmp_path, tiny_kit, detector):
+    from idanimator.errors import IDAnimatorError
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(IDAnimatorError, match="cannot be written"):
+        Studio(StudioOptions(tiny=True, device="cpu", output_dir=blocker / "outputs"), detector=detector)
