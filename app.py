@@ -84,6 +84,7 @@ def generate(
         negative_prompt=negative_prompt or "",
         add_prompt_suffix=add_suffix,
         backbone=backbone,
+        custom_backbone=custom_backbone or "",
         seed=seed,
         randomize_seed=randomize,
         id_scale=id_scale,
@@ -95,8 +96,6 @@ def generate(
     )
     history = list(history or [])
     try:
-        if custom_backbone:
-            job.backbone = studio().backbone_source(backbone, custom_backbone)
         for event in studio().run(job, stop=stop, stream=STREAMING):
             if isinstance(event, Progress):
                 progress((event.step, event.total), desc="denoising", unit="steps")

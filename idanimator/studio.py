@@ -46,6 +46,7 @@ class Request:
     negative_prompt: str = ""
     add_prompt_suffix: bool = True
     backbone: str = ""
+    custom_backbone: str = ""  # a local path or Hub id; honoured only with allow_custom_backbones
     seed: int | None = None
     randomize_seed: bool = True
     id_scale: float = 0.8
@@ -268,7 +269,7 @@ class Studio:
         if not 1 <= int(request.fps) <= 60:
             raise InvalidRequestError(f"Frames per second must be between 1 and 60 (got {request.fps}).")
         settings = self.settings_for(request)
-        source = self.backbone_source(request.backbone)
+        source = self.backbone_source(request.backbone, request.custom_backbone)
         crops, _ = self.prepare_faces(request.faces)
         every = preview_every or max(1, settings.steps // 6)
         events: list[Progress] = []
