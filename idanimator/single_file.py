@@ -64,7 +64,7 @@ def _renamer(table: dict[str, str]) -> Callable[[str, torch.Tensor], tuple[str, 
     def rename(rest: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
         for old, new in table.items():
             if rest.startswith(old + "."):
-                return new + rest[len(old):], tensor
+                return new + rest[len(old) :], tensor
         raise KeyError(rest)
 
     return rename
@@ -144,8 +144,14 @@ def vae_rules(config: dict) -> list[Rule]:
     resnet = _renamer(_VAE_RESNET)
     rules: list[Rule] = [
         (name, name, _same)
-        for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
-                     "quant_conv", "post_quant_conv")
+        for name in (
+            "encoder.conv_in",
+            "encoder.conv_out",
+            "decoder.conv_in",
+            "decoder.conv_out",
+            "quant_conv",
+            "post_quant_conv",
+        )
     ]
     rules += [
         ("encoder.conv_norm_out", "encoder.norm_out", _same),
@@ -174,7 +180,7 @@ def _map_key(key: str, tensor: torch.Tensor, rules: list[Rule]) -> tuple[str, to
     for old, new, convert in rules:
         if key.startswith(old + "."):
             try:
-                rest, value = convert(key[len(old) + 1:], tensor)
+                rest, value = convert(key[len(old) + 1 :], tensor)
             except KeyError:
                 return None
             return f"{new}.{rest}", value

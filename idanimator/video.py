@@ -147,8 +147,10 @@ def _reserve_temp(path: Path) -> Path:
 
 
 def _write_error(folder: Path, exc: OSError) -> IDAnimatorError:
-    return IDAnimatorError(f"Cannot write into the folder {folder} ({exc.strerror or exc}); "
-                           "check that it is writable and the disk has free space.")
+    return IDAnimatorError(
+        f"Cannot write into the folder {folder} ({exc.strerror or exc}); "
+        "check that it is writable and the disk has free space."
+    )
 
 
 @contextmanager
@@ -203,13 +205,42 @@ def _mp4_command(out: Path, shape: tuple[int, ...], fps: float, crf: int) -> lis
     height, width = shape[:2]
     rate = str(Fraction(fps).limit_denominator(1001))
     # Convert with the BT.709 matrix and say so in the file: browsers then show the right colours.
-    colour = ("scale=out_color_matrix=bt709:out_range=tv,"
-              "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv")
+    colour = (
+        "scale=out_color_matrix=bt709:out_range=tv,"
+        "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv"
+    )
     return [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", rate, "-i", "-",
-        "-an", "-vf", colour, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf),
-        "-movflags", "+faststart", "-f", "mp4", str(out),
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-nostats",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{width}x{height}",
+        "-r",
+        rate,
+        "-i",
+        "-",
+        "-an",
+        "-vf",
+        colour,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        str(crf),
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+        str(out),
     ]
 
 
@@ -223,8 +254,9 @@ def _run_ffmpeg(command: list[str], data: bytes, path: Path) -> None:
         return
     message = result.stderr.decode("utf-8", "replace").strip()
     if result.returncode == -signal.SIGXFSZ or any(hint in message for hint in _DISK_FULL_HINTS):
-        raise IDAnimatorError(f"The disk holding {path.parent} is full (or a file size limit was reached); "
-                              "free some space and try again.")
+        raise IDAnimatorError(
+            f"The disk holding {path.parent} is full (or a file size limit was reached); free some space and try again."
+        )
     if any(hint in message for hint in _NOT_WRITABLE_HINTS):
         raise IDAnimatorError(f"Cannot write into the folder {path.parent}; check that it is writable.")
     last = message.splitlines()[-1] if message else f"exit status {result.returncode}"
@@ -312,8 +344,12 @@ def probe_video(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise IDAnimatorError(f"The video file {path} does not exist.")
-    header = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    header = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
     info = parse_stream_header(header.stderr.decode("utf-8", "replace"))
     if info is None:
         raise IDAnimatorError(f"The file {path} could not be read as a video.")
@@ -341,7 +377,9 @@ def parse_stream_header(text: str) -> dict[str, Any] | None:
         "codec": codec_words[0],
         "profile": profile.group(1) if profile and "/" not in profile.group(1) else None,
         "pix_fmt": re.match(r"[\w]+", parts[1]).group(0) if len(parts) > 1 else None,
-        "width": None, "height": None, "fps": None,
+        "width": None,
+        "height": None,
+        "fps": None,
     }
     rates: dict[str, float] = {}
     for part in parts[1:]:

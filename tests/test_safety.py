@@ -12,8 +12,9 @@ def test_hf_token_is_never_printed(tmp_path):
     secret = "hf_SENTINELsecretTOKEN1234567890"
     env = {"HF_TOKEN": secret, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     for argv in (["download"], ["backbones"]):
-        proc = subprocess.run([sys.executable, "-m", "idanimator", *argv], capture_output=True, text=True,
-                              env=env, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "idanimator", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
         assert secret not in proc.stdout + proc.stderr
 
 

@@ -117,9 +117,14 @@ def test_sd15_layout_matches_diffusers_conversion():
     assert not any(k.startswith(("input_blocks.12", "output_blocks.12", "output_blocks.11.2")) for k in ldm_unet)
 
     ldm_vae = convert_vae_to_ldm(vae_state, dict(vae.config))
-    for key in ("encoder.down.2.block.1.conv2.weight", "encoder.down.2.downsample.conv.weight",
-                "decoder.up.3.block.2.norm1.weight", "decoder.up.0.block.0.nin_shortcut.weight",
-                "decoder.up.1.upsample.conv.weight", "decoder.mid.attn_1.proj_out.weight"):
+    for key in (
+        "encoder.down.2.block.1.conv2.weight",
+        "encoder.down.2.downsample.conv.weight",
+        "decoder.up.3.block.2.norm1.weight",
+        "decoder.up.0.block.0.nin_shortcut.weight",
+        "decoder.up.1.upsample.conv.weight",
+        "decoder.mid.attn_1.proj_out.weight",
+    ):
         assert key in ldm_vae, key
 
     # diffusers' own LDM -> diffusers conversion undoes ours exactly.

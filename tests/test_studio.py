@@ -170,8 +170,9 @@ def test_unwritable_output_folder_is_a_sentence(tmp_path, tiny_kit, detector):
 
 
 def test_operators_can_load_a_local_backbone(tiny_kit, detector, astronaut_path, tmp_path):
-    engine = Studio(StudioOptions(tiny=True, device="cpu", output_dir=tmp_path, allow_custom_backbones=True),
-                    detector=detector)
+    engine = Studio(
+        StudioOptions(tiny=True, device="cpu", output_dir=tmp_path, allow_custom_backbones=True), detector=detector
+    )
     done = finish(engine, request(astronaut_path, custom_backbone=str(tiny_kit["single_file"])))[-1]
     assert read_video(done.video).shape[0] == 8
     assert engine.service.current_backbone == str(tiny_kit["single_file"])

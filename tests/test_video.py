@@ -25,8 +25,10 @@ from idanimator.video import (
 def gradient(frames: int = 8, height: int = 64, width: int = 64) -> np.ndarray:
     """A smooth moving gradient, float in [0, 1]: what H.264 keeps almost exactly."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    video = [np.stack([(x / width + i / 32) % 1.0, y / height, np.full_like(x, 0.8 - i / 40)], axis=-1)
-             for i in range(frames)]
+    video = [
+        np.stack([(x / width + i / 32) % 1.0, y / height, np.full_like(x, 0.8 - i / 40)], axis=-1)
+        for i in range(frames)
+    ]
     return np.stack(video).astype(np.float32)
 
 
@@ -244,9 +246,10 @@ def test_read_and_probe_missing_or_broken_files(tmp_path):
 
 
 def test_parse_stream_header_handles_commas_inside_parentheses():
-    text = ("  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), "
-            "yuv420p(tv, bt709, progressive), 512x512 [SAR 1:1 DAR 1:1], 11 kb/s, 23.98 fps, 23.98 tbr, 24k tbn")
+    text = (
+        "  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), "
+        "yuv420p(tv, bt709, progressive), 512x512 [SAR 1:1 DAR 1:1], 11 kb/s, 23.98 fps, 23.98 tbr, 24k tbn"
+    )
     info = parse_stream_header(text)
-    assert info == {"codec": "h264", "profile": "High", "pix_fmt": "yuv420p", "width": 512, "height": 512,
-                    "fps": 23.98}
+    assert info == {"codec": "h264", "profile": "High", "pix_fmt": "yuv420p", "width": 512, "height": 512, "fps": 23.98}
     assert parse_stream_header("Stream #0:0: Audio: aac") is None
