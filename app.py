@@ -18,6 +18,7 @@ import spaces
 
 from idanimator.errors import IDAnimatorError
 from idanimator.pipeline import GenerationCancelled
+from idanimator.preview import tile_images
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
 from idanimator.studio import Finished, Progress, Request, Segment, Studio, StudioOptions
 
@@ -46,12 +47,12 @@ def _paths(files) -> list[str]:
 def show_faces(files):
     """After upload: the aligned crops the model will see, and what we noticed about the photos."""
     if not files:
-        return [], ""
+        return None, ""
     try:
         crops, notes = studio().prepare_faces(_paths(files))
     except IDAnimatorError as exc:
         raise gr.Error(str(exc)) from None
-    return [crop.image for crop in crops], "\n".join(f"- {n}" for n in notes)
+    return tile_images([crop.image for crop in crops], 150), "\n".join(f"- {n}" for n in notes)
 
 
 @spaces.GPU(duration=180)
@@ -155,8 +156,8 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     file_types=["image"],
                     elem_id="faces",
                 )
-                crops = gr.Gallery(
-                    label="What the model sees (aligned faces)", columns=4, height=160, object_fit="contain"
+                crops = gr.Image(
+                    label="What the model sees (aligned faces)", height=150, interactive=False, elem_id="crops"
                 )
                 face_notes = gr.Markdown()
                 prompt = gr.Textbox(
@@ -225,6 +226,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     [[astronaut], "a man in a suit giving a speech on a stage"],
                 ],
                 inputs=[files, prompt],
+                cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
             )
 
         files.change(show_faces, files, [crops, face_notes], api_name="faces")

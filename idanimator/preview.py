@@ -28,18 +28,21 @@ def latents_to_rgb(latents: torch.Tensor) -> np.ndarray:
     return ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
 
 
-def preview_strip(latents: torch.Tensor, max_frames: int = 8, frame_height: int = 128) -> Image.Image:
-    """A horizontal strip of up to `max_frames` evenly spaced preview frames, each `frame_height` tall."""
-    frames = latents_to_rgb(latents)
-    picks = np.linspace(0, len(frames) - 1, num=min(max_frames, len(frames))).round().astype(int)
-    tiles = []
-    for index in picks:
-        tile = Image.fromarray(frames[index])
-        width = max(1, round(tile.width * frame_height / tile.height))
-        tiles.append(tile.resize((width, frame_height), Image.Resampling.BILINEAR))
-    strip = Image.new("RGB", (sum(t.width for t in tiles), frame_height))
+def tile_images(images: list[Image.Image], height: int = 128) -> Image.Image:
+    """Images side by side, each scaled to `height` (the app's preview strip and face crops)."""
+    tiles = [
+        im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BILINEAR) for im in images
+    ]
+    strip = Image.new("RGB", (sum(t.width for t in tiles), height))
     x = 0
     for tile in tiles:
         strip.paste(tile, (x, 0))
         x += tile.width
     return strip
+
+
+def preview_strip(latents: torch.Tensor, max_frames: int = 8, frame_height: int = 128) -> Image.Image:
+    """A horizontal strip of up to `max_frames` evenly spaced preview frames, each `frame_height` tall."""
+    frames = latents_to_rgb(latents)
+    picks = np.linspace(0, len(frames) - 1, num=min(max_frames, len(frames))).round().astype(int)
+    return tile_images([Image.fromarray(frames[i]) for i in picks], frame_height)

@@ -61,5 +61,7 @@ def test_no_face_gives_the_message_and_the_server_answers_the_next_request(app, 
 
 def test_faces_endpoint_shows_the_aligned_crop(app, astronaut_path):
     client, _ = app
-    gallery, notes = client.predict([handle_file(str(astronaut_path))], api_name="/faces")
-    assert len(gallery) == 1
+    from PIL import Image
+
+    strip, notes = client.predict([handle_file(str(astronaut_path))], api_name="/faces")
+    assert Image.open(strip).size == (150, 150)  # one aligned face, square

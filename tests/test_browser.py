@@ -37,7 +37,7 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, astronaut_path, tiny_ki
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         page.goto(url)
         page.locator("#faces input[type=file]").set_input_files(str(astronaut_path))
-        page.get_by_text("What the model sees").wait_for()
+        page.locator("#crops img").wait_for(timeout=60_000)  # the aligned face is shown
         page.locator("#prompt textarea").fill("an astronaut smiling and waving")
         page.locator("#backbone input").click()
         page.get_by_role("option", name="Tiny random model (single file)").click()
