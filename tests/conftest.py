@@ -139,3 +139,26 @@ def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def generate_over_http(client, face, seed: int = 3, frames: int = 8):
+    """Call the app's /generate endpoint the way a client would, with tiny-mode settings."""
+    from gradio_client import handle_file
+
+    return client.predict(
+        [handle_file(str(face))],
+        "a person smiling",
+        "",
+        True,
+        "tiny",
+        "",
+        seed,
+        False,
+        0.8,
+        frames,
+        2,
+        8.0,
+        8,
+        "64x64 (tiny)",
+        api_name="/generate",
+    )

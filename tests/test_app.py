@@ -7,7 +7,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from idanimator.video import read_video
-from tests.conftest import running_app
+from tests.conftest import generate_over_http, running_app
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +17,7 @@ def app(tmp_path_factory, tiny_kit):
 
 
 def generate(client, face, seed=3, frames=8):
-    return client.predict(
-        [handle_file(str(face))],
-        "a man smiling",
-        "",
-        True,
-        "tiny",
-        "",
-        seed,
-        False,
-        0.8,
-        frames,
-        2,
-        8.0,
-        8,
-        "64x64 (tiny)",
-        api_name="/generate",
-    )
+    return generate_over_http(client, face, seed, frames)
 
 
 def test_upload_and_generate_gives_an_mp4_with_the_requested_frames(app, astronaut_path):

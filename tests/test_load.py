@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from idanimator.video import read_video
-from tests.conftest import running_app
+from tests.conftest import generate_over_http, running_app
 
 CLIENTS = 20
 MAX_OUTPUTS = 12
@@ -24,24 +24,7 @@ def rss_mb(pid: int) -> float:
 
 
 def generate(url, face, seed):
-    client = Client(url, verbose=False)
-    return client.predict(
-        [handle_file(str(face))],
-        "a person",
-        "",
-        True,
-        "tiny",
-        "",
-        seed,
-        False,
-        0.8,
-        8,
-        2,
-        8.0,
-        8,
-        "64x64 (tiny)",
-        api_name="/generate",
-    )
+    return generate_over_http(Client(url, verbose=False), face, seed)
 
 
 @pytest.fixture(scope="module")
