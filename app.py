@@ -1,36 +1,49 @@
 """idanimator's Gradio page: a face photo and a prompt in, an identity-preserving video out.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--device cuda] [--offload auto] [--tiny]
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--device cuda] [--offload auto]
+                  [--tiny] [--allow-custom-backbones] [--output-dir DIR] [--max-outputs N]
 
 Only widgets and events live here; the work is in `idanimator.studio`. Runs unchanged as a Hugging
-Face Space (the GPU function is wrapped with `spaces.GPU`, a pass-through elsewhere).
+Face Space: the GPU part of a request is wrapped with `spaces.GPU` (a pass-through elsewhere), and on
+ZeroGPU the models are loaded before the page starts, in the main process, as ZeroGPU expects.
+Nothing is loaded when this module is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import logging
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import gradio as gr
 import spaces
 
 from idanimator.errors import IDAnimatorError
-from idanimator.pipeline import GenerationCancelled
-from idanimator.preview import tile_images
+from idanimator.pipeline import MAX_SEED, GenerationCancelled
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
-from idanimator.studio import Finished, Progress, Request, Segment, Studio, StudioOptions
+from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
 
-MAX_UPLOAD = "20mb"
-QUEUE_MAX_SIZE = 16
+log = logging.getLogger("idanimator.app")
+
+MAX_UPLOAD = "20mb"  # per file; larger uploads are refused before they reach Python
+QUEUE_MAX_SIZE = 16  # requests waiting; past that, gradio answers "Queue is full! Please try again."
 STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
+ZERO_GPU = bool(spaces.config.Config.zero_gpu)
+ASSETS = Path(__file__).resolve().parent / "assets"
+HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale", "height", "width"]
+HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "height", "width"]
+UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
 
 _studio: Studio | None = None
-_stops: dict[str, threading.Event] = {}
+_stops: dict[str, threading.Event] = {}  # session -> its running generation's stop flag
 
 
 def studio() -> Studio:
+    """The process's Studio (made on first use, so importing this module loads nothing)."""
     global _studio
     if _studio is None:
         _studio = Studio(StudioOptions(tiny=bool(os.environ.get("IDANIMATOR_TINY"))))
@@ -41,21 +54,52 @@ def _paths(files) -> list[str]:
     return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
 
 
+def _error(message: str) -> gr.Error:
+    """A gr.Error for a user mistake: one sentence, shown as text (gradio renders HTML), no traceback."""
+    return gr.Error(html.escape(message), print_exception=False)
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
 # -- handlers (plain functions) ------------------------------------------------------------------
+
+
+def page_banner():
+    """On every page load: the current mode and state (tiny mode, downloading, CPU)."""
+    text = studio().banner()
+    return gr.update(value=text, visible=bool(text))
 
 
 def show_faces(files):
     """After upload: the aligned crops the model will see, and what we noticed about the photos."""
     if not files:
         return None, ""
+    crops, notes = studio().preview_faces(_paths(files))
+    return face_strip(crops), "\n".join(f"- {html.escape(n)}" for n in notes)
+
+
+def _gpu_seconds(job: Job, session: str) -> int:
+    return job.gpu_seconds()
+
+
+@spaces.GPU(duration=_gpu_seconds)
+def run_on_gpu(job: Job, session: str):
+    """The GPU part of a request (on ZeroGPU, in a forked worker): studio events, then ("failed", sentence)
+    or ("stopped", None) instead of exceptions, since only plain picklable values cross the process."""
+    stop = _stops.get(session) or threading.Event()
     try:
-        crops, notes = studio().prepare_faces(_paths(files))
+        yield from studio().execute(job, stop=stop, stream=STREAMING)
+    except GenerationCancelled:
+        yield "stopped", None
     except IDAnimatorError as exc:
-        raise gr.Error(str(exc)) from None
-    return tile_images([crop.image for crop in crops], 150), "\n".join(f"- {n}" for n in notes)
+        yield "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
+        log.exception("generation failed")
+        yield "failed", UNEXPECTED.format(type(exc).__name__)
 
 
-@spaces.GPU(duration=180)
 def generate(
     files,
     prompt,
@@ -75,63 +119,89 @@ def generate(
     request: gr.Request,
     progress=gr.Progress(),
 ):
-    """Stream progress, previews and video chunks; end with the full MP4, the seed used and the history."""
+    """Stream progress, previews and video chunks; end with the full MP4, the seed used and the history.
+
+    Outputs: live stream, preview, result, seed text, seed box, history.
+    """
+    skip = gr.update()
+    history = list(history or [])
+    session = _session(request)
     stop = threading.Event()
-    session = getattr(request, "session_hash", None) or "local"
     _stops[session] = stop
     job = Request(
         faces=_paths(files),
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
-        add_prompt_suffix=add_suffix,
-        backbone=backbone,
+        add_prompt_suffix=bool(add_suffix),
+        backbone=backbone or "",
         custom_backbone=custom_backbone or "",
         seed=seed,
-        randomize_seed=randomize,
+        randomize_seed=bool(randomize),
         id_scale=id_scale,
         num_frames=frames,
         steps=steps,
         guidance_scale=guidance,
         fps=fps,
-        resolution=resolution,
+        resolution=resolution or "",
     )
-    history = list(history or [])
     try:
-        for event in studio().run(job, stop=stop, stream=STREAMING):
+        progress(0, desc="Checking the photos and loading the model")
+        try:
+            prepared = studio().prepare(job)
+        except IDAnimatorError as exc:
+            raise _error(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
+            log.exception("preparing the request failed")
+            raise _error(UNEXPECTED.format(type(exc).__name__)) from None
+        events = run_on_gpu(prepared, session)
+        finished = False
+        for event in events:
             if isinstance(event, Progress):
-                progress((event.step, event.total), desc="denoising", unit="steps")
-                yield gr.update(), event.preview or gr.update(), gr.update(), gr.update(), gr.update(), history
+                progress((event.step, event.total), desc="Denoising", unit="steps")
+                yield skip, event.preview or skip, skip, skip, skip, history
             elif isinstance(event, Segment):
-                progress(1.0, desc="decoding")
-                yield str(event.path), gr.update(), gr.update(), gr.update(), gr.update(), history
+                progress(1.0, desc="Decoding")
+                yield str(event.path), skip, skip, skip, skip, history
             elif isinstance(event, Finished):
                 for warning in event.warnings:
-                    gr.Warning(warning)
+                    gr.Warning(html.escape(warning))
+                finished = True
                 history = [*history, {"video": str(event.video), **event.settings}]
                 used = f"Seed used: **{event.seed}** ({event.seconds:.1f} s)"
-                yield gr.update(), gr.update(), str(event.video), used, event.seed, history
-    except GenerationCancelled:
-        gr.Info("Stopped.")
-        yield gr.update(), gr.update(), gr.update(), "Stopped.", gr.update(), history
-    except IDAnimatorError as exc:
-        raise gr.Error(str(exc)) from None
+                yield skip, skip, str(event.video), used, event.seed, history
+            elif event[0] == "stopped":
+                break
+            else:
+                raise _error(event[1])
+            if stop.is_set() and ZERO_GPU:  # the worker is another process: closing its generator stops it
+                events.close()
+                break
+        if stop.is_set() and not finished:
+            gr.Info("Stopped.")
+            yield skip, skip, skip, "Stopped.", skip, history
     finally:
-        _stops.pop(session, None)
+        if _stops.get(session) is stop:
+            del _stops[session]
 
 
 def stop_generation(request: gr.Request):
-    event = _stops.get(getattr(request, "session_hash", None) or "local")
+    """Stop this session's generation at its next denoising step."""
+    event = _stops.get(_session(request))
     if event is not None:
         event.set()
 
 
 def history_gallery(history):
-    return [(item["video"], f"seed {item['seed']} · {item['prompt'][:60]}") for item in (history or [])]
+    """Earlier videos of this session that are still on disk (old ones are pruned)."""
+    return [
+        (item["video"], f"seed {item['seed']} · {item['prompt'][:50]}")
+        for item in reversed(history or [])
+        if os.path.exists(item["video"])
+    ]
 
 
 def history_table(history):
-    keys = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale", "height", "width"]
-    return [[item.get(k) for k in keys] for item in reversed(history or [])]
+    return [[item.get(k) for k in HISTORY_KEYS] for item in reversed(history or [])]
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -146,20 +216,23 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
     # Gradio keeps its own copies of served files: drop them after an hour, checked hourly.
     with gr.Blocks(title="idanimator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
-        if engine.banner():
-            gr.Markdown(engine.banner(), elem_id="banner")
+        banner = gr.Markdown(engine.banner(), visible=bool(engine.banner()), elem_id="banner")
         with gr.Row():
             with gr.Column():
                 files = gr.File(
-                    label="Face photo(s) — several photos are mixed into one identity",
+                    label="Face photo(s): drop one or more; several photos of one person are mixed",
                     file_count="multiple",
                     file_types=["image"],
                     elem_id="faces",
                 )
                 crops = gr.Image(
-                    label="What the model sees (aligned faces)", height=150, interactive=False, elem_id="crops"
+                    label="What the model sees (aligned faces)",
+                    height=170,
+                    interactive=False,
+                    buttons=[],
+                    elem_id="crops",
                 )
-                face_notes = gr.Markdown()
+                face_notes = gr.Markdown(elem_id="face-notes")
                 prompt = gr.Textbox(
                     label="Prompt", placeholder="a man playing guitar on a beach at sunset", elem_id="prompt"
                 )
@@ -169,12 +242,13 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     engine.backbone_choices(), value=defaults["backbone"], label="Backbone", elem_id="backbone"
                 )
                 custom_backbone = gr.Textbox(
-                    label="Local backbone file/folder or Hub id (operator option)",
+                    label="Or a local backbone file/folder, or a Hub id (operator option)",
                     visible=engine.options.allow_custom_backbones,
+                    elem_id="custom-backbone",
                 )
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=985, precision=0, minimum=0, maximum=2**32 - 1, elem_id="seed")
-                    randomize = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
+                    seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
                 with gr.Accordion("Advanced", open=False):
                     id_scale = gr.Slider(
                         0,
@@ -194,42 +268,46 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", elem_id="stop")
             with gr.Column():
-                preview = gr.Image(label="Preview while denoising", height=140, interactive=False)
-                live = gr.Video(label="Streaming", streaming=True, autoplay=True, visible=STREAMING, elem_id="live")
-                result = gr.Video(label="Result", elem_id="result", buttons=["download"])
+                preview = gr.Image(label="Preview while denoising", height=120, interactive=False, elem_id="preview")
+                live = gr.Video(
+                    label="Streaming (plays while the rest is decoded)",
+                    streaming=True,
+                    autoplay=True,
+                    height=300,
+                    visible=STREAMING,
+                    elem_id="live",
+                )
+                result = gr.Video(label="Result (MP4)", height=300, buttons=["download"], elem_id="result")
                 seed_used = gr.Markdown(elem_id="seed-used")
-                gallery = gr.Gallery(label="This session's videos", columns=3, height=200)
+                gallery = gr.Gallery(
+                    label="This session's videos",
+                    columns=4,
+                    height=180,
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="history",
+                )
                 table = gr.Dataframe(
-                    headers=[
-                        "seed",
-                        "prompt",
-                        "backbone",
-                        "frames",
-                        "steps",
-                        "guidance",
-                        "ID scale",
-                        "height",
-                        "width",
-                    ],
-                    label="Settings of earlier videos",
-                    interactive=False,
+                    headers=HISTORY_HEADERS, label="Settings of this session's videos", interactive=False
                 )
         history = gr.State([])
-        last_seed = gr.Number(visible=False)
 
-        examples_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-        astronaut = os.path.join(examples_dir, "astronaut.jpg")
-        if os.path.exists(astronaut):
+        examples = [  # public-domain / CC0 photos, see assets/README.md
+            ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
+            ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
+            ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
+        ]
+        examples = [[[str(ASSETS / name)], text] for name, text in examples if (ASSETS / name).exists()]
+        if examples:
             gr.Examples(
-                examples=[
-                    [[astronaut], "an astronaut smiling and waving, floating in a space station"],
-                    [[astronaut], "a man in a suit giving a speech on a stage"],
-                ],
+                examples=examples,
                 inputs=[files, prompt],
                 cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
             )
 
-        files.change(show_faces, files, [crops, face_notes], api_name="faces")
+        # -- events ----------------------------------------------------------------------------
+        demo.load(page_banner, None, banner, queue=False)
+        files.change(show_faces, files, [crops, face_notes], api_name="faces", concurrency_limit=2)
         event = run.click(
             generate,
             [
@@ -249,10 +327,10 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 resolution,
                 history,
             ],
-            [live, preview, result, seed_used, last_seed, history],
+            [live, preview, result, seed_used, seed, history],
             api_name="generate",
         )
-        event.then(history_gallery, history, gallery).then(history_table, history, table)
+        event.then(history_gallery, history, gallery, queue=False).then(history_table, history, table, queue=False)
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
@@ -262,9 +340,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="idanimator web app")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto")
+    parser.add_argument(
+        "--offload",
+        choices=["auto", "none", "model", "sequential"],
+        default="auto",
+        help="CPU offload: auto picks from free GPU memory (none from 14 GB, model from 7 GB, else sequential)",
+    )
     parser.add_argument("--tiny", action="store_true", help="random tiny weights (no download)")
     parser.add_argument(
         "--allow-custom-backbones",
@@ -272,15 +355,21 @@ def main(argv: list[str] | None = None) -> None:
         help="let users load local files/folders and any Hub id (operators only)",
     )
     parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
-    parser.add_argument("--max-outputs", type=int, default=200, help="files kept in the output folder")
+    parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device, offload = args.device, args.offload
+    if ZERO_GPU:  # the GPU is attached per request; models live "on cuda" from the start, whole
+        device = device or "cuda"
+        offload = "none" if offload == "auto" else offload
     options = StudioOptions(
-        device=args.device,
-        offload=args.offload,
+        device=device,
+        offload=offload,
         tiny=args.tiny,
         allow_custom_backbones=args.allow_custom_backbones,
-        output_dir=args.output_dir,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
         max_outputs=args.max_outputs,
+        load_in_prepare=not ZERO_GPU,
     )
     try:
         engine = Studio(options)
@@ -288,7 +377,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {exc}") from None
     if engine.tiny:
         print(f"Starting in tiny mode (random weights): {engine.tiny_reason}")
+    print(f"Device: {engine.device}, offload: {engine.offload}, outputs in {engine.outputs.root}")
     demo = build_demo(engine)
+    if ZERO_GPU:
+        engine.warm_up()  # in the main process before serving: workers are forked from it
+    else:
+        threading.Thread(target=engine.warm_up, daemon=True, name="idanimator-warm-up").start()
     demo.launch(
         server_name=args.host,
         server_port=args.port,

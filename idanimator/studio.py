@@ -52,6 +52,9 @@ class StudioOptions:
     output_dir: Path | None = None
     max_outputs: int = 200  # entries (videos, segment folders) kept in the output folder
     max_output_age_s: float = 24 * 3600
+    # prepare() builds the pipeline (so execute() only runs it). False on ZeroGPU, where only the main thread
+    # may place models "on cuda" outside the GPU worker: prepare() then only downloads the backbone.
+    load_in_prepare: bool = True
 
 
 @dataclass
@@ -250,6 +253,18 @@ def _short_names(exc: IDAnimatorError, faces: list) -> IDAnimatorError:
     return renamed
 
 
+def face_strip(crops: list, size: int = 150):
+    """The aligned faces side by side, each `size` pixels square: what the model sees (None if no crops)."""
+    from PIL import Image
+
+    if not crops:
+        return None
+    strip = Image.new("RGB", (size * len(crops), size))
+    for index, crop in enumerate(crops):
+        strip.paste(crop.image.resize((size, size), Image.Resampling.LANCZOS), (index * size, 0))
+    return strip
+
+
 class Studio:
     """One per process: the cached pipeline service, the output folder, and request handling."""
 
@@ -295,7 +310,7 @@ class Studio:
         if self.tiny:
             lines.append(
                 "**Tiny mode: the weights are random, so videos are coloured noise.** "
-                f"Reason: {self.tiny_reason} To use the real ID-Animator weights, run "
+                f"Reason: {self.tiny_reason.split('. ')[0].rstrip('.')}. To use the real ID-Animator weights, run "
                 "`python -m idanimator download` on a machine with internet access, then restart the app. "
                 "Sizes are cut to 64x64 pixels, 8 frames and 4 steps so a CPU makes a video in seconds."
             )
@@ -449,8 +464,11 @@ class Studio:
         settings = self.settings_for(request)
         source = str(self.backbone_source(request.backbone, request.custom_backbone))
         crops, notes = self.prepare_faces(request.faces)
-        with self._run_lock, out_of_memory_guard(self.service):
-            self.service.pipeline(source)
+        if self.options.load_in_prepare:
+            with self._run_lock, out_of_memory_guard(self.service):
+                self.service.pipeline(source)
+        else:
+            self.service.store.resolve_backbone(source)  # download now, outside the GPU's time
         backbone = request.custom_backbone.strip() if request.custom_backbone else request.backbone
         return Job(settings=settings, crops=crops, source=source, backbone=backbone, fps=fps, notes=notes)
 

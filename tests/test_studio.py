@@ -11,7 +11,7 @@ import pytest
 
 from idanimator.errors import InvalidRequestError, NoFaceError
 from idanimator.pipeline import GenerationCancelled
-from idanimator.studio import Finished, OutputFolder, Progress, Request, Segment, Studio, StudioOptions
+from idanimator.studio import Finished, Job, OutputFolder, Progress, Request, Segment, Studio, StudioOptions, face_strip
 from idanimator.video import read_video
 
 
@@ -50,6 +50,27 @@ def test_tiny_mode_says_why_and_how_to_get_real_weights(studio):
 def test_without_real_weights_the_studio_falls_back_to_tiny(tiny_kit, detector):
     engine = Studio(StudioOptions(device="cpu"), detector=detector)  # the Hub is offline in tests
     assert engine.tiny and "not in the local Hugging Face cache" in engine.tiny_reason
+
+
+def test_with_the_hub_reachable_the_studio_stays_real_and_downloads_in_the_background(monkeypatch, tmp_path):
+    import idanimator.weights
+
+    monkeypatch.setattr(idanimator.weights, "hub_reachable", lambda: True)  # nothing is fetched here
+    engine = Studio(StudioOptions(device="cpu", output_dir=tmp_path))
+    assert not engine.tiny and engine.needs_download
+    assert "Downloading" in engine.banner() and "CPU" in engine.banner()
+    assert ("Realistic Vision V6.0 B1 (release default)", "realistic-vision-v6") in engine.backbone_choices()
+    assert engine.defaults()["num_frames"] == 16 and engine.defaults()["resolution"] == "512x512"
+
+
+def test_warm_up_loads_once_and_the_first_request_reuses_it(tiny_kit, detector, astronaut_path, tmp_path):
+    engine = Studio(StudioOptions(tiny=True, device="cpu", output_dir=tmp_path), detector=detector)
+    engine.warm_up()
+    assert engine.ready.is_set() and engine.warm_error is None
+    loads = dict(engine.service.store.loads)
+    assert loads["backbone"] == 1
+    finish(engine, request(astronaut_path))
+    assert dict(engine.service.store.loads) == loads
 
 
 def test_a_run_streams_progress_previews_segments_then_the_video(studio, astronaut_path):
@@ -158,6 +179,46 @@ def test_cuda_out_of_memory_is_caught_memory_freed_and_the_next_request_runs(stu
         list(studio.run(request(astronaut_path)))
     assert studio.service.current_backbone is None  # the pipeline was dropped and memory released
     finish(studio, request(astronaut_path))  # rebuilt, works
+
+
+def test_uploaded_photos_are_previewed_with_a_sentence_for_each_bad_one(studio, astronaut_path, no_face_path):
+    crops, notes = studio.preview_faces([str(astronaut_path), str(no_face_path)])
+    assert len(crops) == 1 and crops[0].image.size == (224, 224)
+    assert face_strip(crops * 2).size == (300, 150) and face_strip([]) is None
+    assert notes == ["No face was found in coffee.png; use a clear, front-facing photo of one person."]
+    with pytest.raises(NoFaceError) as caught:  # and a request names the photo, not the server's path
+        studio.prepare(request(str(no_face_path)))
+    assert str(no_face_path.parent) not in str(caught.value)
+
+
+def test_values_from_widgets_or_the_api_are_coerced_or_refused(studio, astronaut_path):
+    job = studio.prepare(request(astronaut_path, num_frames=10.0, steps="2", seed=7.0, fps=8.0))
+    assert (job.settings.num_frames, job.settings.steps, job.settings.seed, job.fps) == (10, 2, 7, 8)
+    for overrides in ({"num_frames": 8.5}, {"steps": "many"}, {"seed": -5}, {"fps": None}):
+        with pytest.raises(InvalidRequestError):
+            studio.prepare(request(astronaut_path, **overrides))
+
+
+def test_a_prepared_job_crosses_a_process_boundary_and_sizes_its_gpu_time(studio, astronaut_path):
+    import pickle
+
+    job = pickle.loads(pickle.dumps(studio.prepare(request(astronaut_path))))
+    assert isinstance(job, Job) and job.crops[0].image.size == (224, 224)
+    events = pickle.loads(pickle.dumps(list(studio.execute(job))))  # what a ZeroGPU worker sends back
+    assert read_video(events[-1].video).shape == (8, 64, 64, 3)
+    assert 30 <= job.gpu_seconds() < 60
+    big = Job(settings=job.settings, crops=[], source="", backbone="", fps=8)
+    big.settings = type(job.settings)(prompt="x", num_frames=32, steps=100, height=768, width=512)
+    assert big.gpu_seconds() == 300
+
+
+def test_without_loading_in_prepare_the_pipeline_is_built_by_execute(tiny_kit, detector, astronaut_path, tmp_path):
+    options = StudioOptions(tiny=True, device="cpu", output_dir=tmp_path, load_in_prepare=False)  # as on ZeroGPU
+    engine = Studio(options, detector=detector)
+    job = engine.prepare(request(astronaut_path, backbone="tiny-single-file"))
+    assert engine.service.current_backbone is None and engine.service.store.loads["backbone"] == 0
+    assert read_video(list(engine.execute(job))[-1].video).shape[0] == 8
+    assert engine.service.store.loads["backbone"] == 1
 
 
 def test_unwritable_output_folder_is_a_sentence(tmp_path, tiny_kit, detector):
