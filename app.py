@@ -144,6 +144,7 @@ def generate(
         fps=fps,
         resolution=resolution or "",
     )
+    events = None
     try:
         progress(0, desc="Checking the photos and loading the model")
         try:
@@ -179,7 +180,9 @@ def generate(
         if stop.is_set() and not finished:
             gr.Info("Stopped.")
             yield skip, skip, skip, "Stopped.", skip, history
-    finally:
+    finally:  # also when the browser goes away mid-run: closing the GPU part stops it at its next step
+        if events is not None:
+            events.close()
         if _stops.get(session) is stop:
             del _stops[session]
 
