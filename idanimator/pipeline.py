@@ -64,7 +64,19 @@ class GenerationSettings:
         seed = self.seed
         if seed is not None and seed != -1:
             _check_int("Seed", seed, 0, MAX_SEED)
-        return GenerationSettings(**{**asdict(self), "prompt": prompt, "negative_prompt": negative})
+            seed = int(seed)
+        whole = {name: int(getattr(self, name)) for name in ("num_frames", "steps", "height", "width")}
+        return GenerationSettings(
+            **{
+                **asdict(self),
+                **whole,
+                "seed": seed,
+                "prompt": prompt,
+                "negative_prompt": negative,
+                "guidance_scale": float(self.guidance_scale),
+                "id_scale": float(self.id_scale),
+            }
+        )
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

@@ -164,27 +164,13 @@ class OutputFolder:
 # -- real weights or tiny mode -------------------------------------------------------------------
 
 
-def _cached(value, what: str) -> bool:
-    """Whether a weight is on disk already (local path or Hugging Face cache), without any network."""
-    from .weights import _fetch, parse_source  # no public local-only lookup in weights.py yet
-
-    source = parse_source(value)
-    if isinstance(source, Path):
-        return source.exists()
-    try:
-        _fetch(source, local_only=True)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def real_weights_status(options: LoadOptions) -> tuple[str | None, bool]:
     """(problem, needs_download): problem is None when the real weights are on disk or can be downloaded
     (then needs_download says whether they still have to be); else it is the sentence saying why not.
 
     Nothing is downloaded here, so the page comes up at once; :meth:`Studio.warm_up` fetches them.
     """
-    from .weights import hub_reachable, resolve
+    from .weights import hub_reachable, is_cached, resolve
 
     wanted = [
         (options.face_adapter or registry.FACE_ADAPTER, "face adapter"),
@@ -194,7 +180,7 @@ def real_weights_status(options: LoadOptions) -> tuple[str | None, bool]:
         (options.base or registry.BASE_MODEL, "SD1.5 base model"),
     ]
     try:
-        missing = [(value, what) for value, what in wanted if not _cached(value, what)]
+        missing = [(value, what) for value, what in wanted if not is_cached(value)]
     except WeightsUnavailableError as exc:  # e.g. a local path that does not exist
         return str(exc), False
     if not missing:

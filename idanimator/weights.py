@@ -125,6 +125,18 @@ def _fetch(source: Source, local_only: bool) -> Path:
     return path
 
 
+def is_cached(value: str | Source | Path) -> bool:
+    """Whether a weight is on disk already (a local path, or complete in the Hugging Face cache); no network."""
+    source = value if isinstance(value, Path) else parse_source(value)
+    if isinstance(source, Path):
+        return source.exists()
+    try:
+        _fetch(source, local_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(value: str | Source | Path, *, what: str = "model", allow_hub_ids: bool = True) -> Path:
     """Return a local path for a weight: the cache first, then a download with progress bars."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError

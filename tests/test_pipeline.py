@@ -217,3 +217,14 @@ def test_decoding_in_chunks_gives_the_same_frames(tiny_pipe, crops):
     latents = tiny_pipe.denoise(crops[:1], settings).latents
     parts = np.concatenate([tiny_pipe.decode(latents, i, i + 3) for i in range(0, 8, 3)])
     np.testing.assert_allclose(parts, whole, atol=1e-5)
+
+
+def test_whole_numbers_sent_as_floats_become_integers():
+    from idanimator.pipeline import GenerationSettings
+
+    settings = GenerationSettings(prompt="a man", num_frames=10.0, steps=3.0, height=64.0, width=64, seed=7.0)
+    checked = settings.validate()
+    assert (checked.num_frames, checked.steps, checked.height, checked.seed) == (10, 3, 64, 7)
+    assert all(type(v) is int for v in (checked.num_frames, checked.steps, checked.height, checked.seed))
+    with pytest.raises(InvalidRequestError, match="whole number"):
+        GenerationSettings(prompt="a man", num_frames=10.5).validate()

@@ -160,3 +160,10 @@ def test_corrupt_motion_adapter_is_reported(tiny_kit, tmp_path, detector):
     (motion / "config.json").write_text("{ not json")
     with pytest.raises(WeightsUnavailableError, match="motion adapter"):
         IDAnimatorPipeline.from_pretrained(tiny=True, motion_adapter=motion, device="cpu", detector=detector)
+
+
+def test_is_cached_looks_only_at_the_disk(tiny_kit, tmp_path):
+    from idanimator.weights import is_cached
+
+    assert is_cached(tiny_kit["face_adapter"])
+    assert not is_cached(registry.MOTION_ADAPTER)  # offline, empty cache: no download is attempted
