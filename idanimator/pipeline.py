@@ -53,23 +53,26 @@ class GenerationSettings:
         if not prompt:
             raise InvalidRequestError("The prompt is empty: describe what the person should be doing.")
         negative = clean_text(self.negative_prompt or "")
-        _check_int("Frames", self.num_frames, 1, MAX_FRAMES)
-        _check_int("Steps", self.steps, 1, 200)
-        for name, value in (("Height", self.height), ("Width", self.width)):
-            _check_int(name, value, 64, 1024)
+        frames = whole_number("Frames", self.num_frames, 1, MAX_FRAMES)
+        steps = whole_number("Steps", self.steps, 1, 200)
+        height, width = (
+            whole_number(name, value, 64, 1024) for name, value in (("Height", self.height), ("Width", self.width))
+        )
+        for name, value in (("Height", height), ("Width", width)):
             if value % 8:
                 raise InvalidRequestError(f"{name} must be a multiple of 8 (got {value}).")
         _check_float("Guidance scale", self.guidance_scale, 0.0, 30.0)
         _check_float("ID scale", self.id_scale, 0.0, 2.0)
         seed = self.seed
         if seed is not None and seed != -1:
-            _check_int("Seed", seed, 0, MAX_SEED)
-            seed = int(seed)
-        whole = {name: int(getattr(self, name)) for name in ("num_frames", "steps", "height", "width")}
+            seed = whole_number("Seed", seed, 0, MAX_SEED)
         return GenerationSettings(
             **{
                 **asdict(self),
-                **whole,
+                "num_frames": frames,
+                "steps": steps,
+                "height": height,
+                "width": width,
                 "seed": seed,
                 "prompt": prompt,
                 "negative_prompt": negative,
@@ -79,7 +82,8 @@ class GenerationSettings:
         )
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
+def whole_number(name: str, value, low: int, high: int) -> int:
+    """A whole-number setting in [low, high] as an int; 8.0 is accepted (widgets and JSON send floats)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -87,6 +91,7 @@ def _check_int(name: str, value, low: int, high: int) -> None:
             raise InvalidRequestError(f"{name} must be a whole number between {low} and {high} (got {value!r}).")
     if not low <= value <= high:
         raise InvalidRequestError(f"{name} must be between {low} and {high} (got {value}).")
+    return int(value)
 
 
 def _check_float(name: str, value, low: float, high: float) -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 from . import registry
 from .errors import GPUOutOfMemoryError, IDAnimatorError, InvalidRequestError, WeightsUnavailableError
 from .loader import LoadOptions
-from .pipeline import GenerationCancelled, GenerationSettings
-from .preview import preview_strip
+from .pipeline import GenerationCancelled, GenerationSettings, whole_number
+from .preview import preview_strip, tile_images
 from .service import PipelineService, choose_offload, free_gpu_memory, release_memory
 from .video import write_mp4
 
@@ -194,11 +194,6 @@ def real_weights_status(options: LoadOptions) -> tuple[str | None, bool]:
     return None, False
 
 
-def real_weights_problem(options: LoadOptions) -> str | None:
-    """None if the real weights are on disk or downloadable; else the sentence saying why not."""
-    return real_weights_status(options)[0]
-
-
 @contextmanager
 def out_of_memory_guard(service: PipelineService):
     """Turn CUDA out-of-memory into GPUOutOfMemoryError after dropping the cached pipeline."""
@@ -213,17 +208,15 @@ def out_of_memory_guard(service: PipelineService):
         raise
 
 
-def _whole(name: str, value, low: int, high: int) -> int:
-    """An integer setting from a widget or the API (which may send 8.0 or "8")."""
+def _from_text(name: str, value):
+    """Numbers typed into a text field or sent as JSON strings ("8") become numbers; ranges are checked by
+    :func:`idanimator.pipeline.whole_number` and :meth:`GenerationSettings.validate`."""
+    if not isinstance(value, str):
+        return value
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(f"{name} must be a whole number between {low} and {high} (got {value!r}).") from None
-    if not number.is_integer():
-        raise InvalidRequestError(f"{name} must be a whole number between {low} and {high} (got {value!r}).")
-    if not low <= number <= high:
-        raise InvalidRequestError(f"{name} must be between {low} and {high} (got {value!r}).")
-    return int(number)
+        return float(value.strip())
+    except ValueError:
+        raise InvalidRequestError(f"{name} must be a number (got {value!r}).") from None
 
 
 def _short_names(exc: IDAnimatorError, faces: list) -> IDAnimatorError:
@@ -241,14 +234,7 @@ def _short_names(exc: IDAnimatorError, faces: list) -> IDAnimatorError:
 
 def face_strip(crops: list, size: int = 150):
     """The aligned faces side by side, each `size` pixels square: what the model sees (None if no crops)."""
-    from PIL import Image
-
-    if not crops:
-        return None
-    strip = Image.new("RGB", (size * len(crops), size))
-    for index, crop in enumerate(crops):
-        strip.paste(crop.image.resize((size, size), Image.Resampling.LANCZOS), (index * size, 0))
-    return strip
+    return tile_images([crop.image for crop in crops], size) if crops else None
 
 
 class Studio:
@@ -426,16 +412,14 @@ class Studio:
             raise InvalidRequestError(f"Resolution must be one of {', '.join(resolutions)}.")
         height, width = resolutions[request.resolution]
         seed = None if request.randomize_seed or request.seed in (None, "", -1) else request.seed
-        if seed is not None:
-            seed = _whole("Seed", seed, 0, 2**32 - 1)
         return GenerationSettings(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            num_frames=_whole("Frames", request.num_frames, 1, 32),
-            steps=_whole("Steps", request.steps, 1, 200),
+            num_frames=_from_text("Frames", request.num_frames),
+            steps=_from_text("Steps", request.steps),
             guidance_scale=request.guidance_scale,
             id_scale=request.id_scale,
-            seed=seed,
+            seed=_from_text("Seed", seed),
             height=height,
             width=width,
             add_prompt_suffix=bool(request.add_prompt_suffix),
@@ -446,7 +430,7 @@ class Studio:
 
         Raises IDAnimatorError subclasses with user-facing sentences.
         """
-        fps = _whole("Frames per second", request.fps, 1, MAX_FPS)
+        fps = whole_number("Frames per second", _from_text("Frames per second", request.fps), 1, MAX_FPS)
         settings = self.settings_for(request)
         source = str(self.backbone_source(request.backbone, request.custom_backbone))
         crops, notes = self.prepare_faces(request.faces)
