@@ -22,8 +22,9 @@ from pathlib import Path
 import gradio as gr
 import spaces
 
-from idanimator.errors import IDAnimatorError
-from idanimator.pipeline import MAX_SEED, GenerationCancelled
+from idanimator import registry
+from idanimator import settings as limits
+from idanimator.errors import GenerationCancelled, IDAnimatorError
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
 from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
 
@@ -37,6 +38,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale", "height", "width"]
 HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "height", "width"]
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
+RESOLUTIONS = {"512x512": (512, 512), "512x768 (portrait)": (768, 512), "768x512 (landscape)": (512, 768)}
+TINY_RESOLUTIONS = {"64x64 (tiny)": (64, 64), "64x96 (tiny)": (96, 64)}
+TINY_BACKBONE_LABELS = {"tiny": "Tiny random model (folder)", "tiny-single-file": "Tiny random model (single file)"}
 
 _studio: Studio | None = None
 _stops: dict[str, threading.Event] = {}  # session -> its running generation's stop flag
@@ -46,7 +50,7 @@ def studio() -> Studio:
     """The process's Studio (made on first use, so importing this module loads nothing)."""
     global _studio
     if _studio is None:
-        _studio = Studio(StudioOptions(tiny=bool(os.environ.get("IDANIMATOR_TINY"))))
+        _studio = Studio(StudioOptions())
     return _studio
 
 
@@ -63,12 +67,69 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
+# -- wording and presets -------------------------------------------------------------------------
+
+
+def banner_text(engine: Studio) -> str:
+    """Markdown for the top of the page: the mode, and anything the user should know (may be empty)."""
+    lines = []
+    if engine.tiny:
+        lines.append(
+            "**Tiny mode: the weights are random, so videos are coloured noise.** "
+            f"Reason: {engine.tiny_reason.split('. ')[0].rstrip('.')}. To use the real ID-Animator weights, run "
+            "`python -m idanimator download` on a machine with internet access, then restart the app. "
+            "Sizes start at 64x64 pixels, 8 frames and 4 steps so a CPU makes a video in seconds."
+        )
+    if engine.warm_error:
+        lines.append(f"**The models could not be loaded:** {engine.warm_error}")
+    elif engine.needs_download and not engine.ready.is_set():
+        lines.append(
+            "Downloading the ID-Animator weights (several GB) in the background; the first video starts "
+            "when they are in. Reload the page to see whether they are."
+        )
+    if engine.device == "cpu" and not engine.tiny:
+        lines.append(
+            "Running on the CPU in float32: a full-size video takes a long time (many minutes). "
+            "Use fewer frames, fewer steps and 512x512 to try it out."
+        )
+    return "\n\n".join(lines)
+
+
+def backbone_choices(engine: Studio) -> list[tuple[str, str]]:
+    """(label, value) pairs for the backbone dropdown."""
+    return [(TINY_BACKBONE_LABELS.get(name) or registry.BACKBONES[name].label, name) for name in engine.backbones()]
+
+
+def resolutions(engine: Studio) -> dict[str, tuple[int, int]]:
+    """Preset label -> (height, width)."""
+    return TINY_RESOLUTIONS if engine.tiny else RESOLUTIONS
+
+
+def starting_values(engine: Studio) -> dict:
+    """The widgets' starting values: the release's defaults, or sizes a CPU renders in seconds in tiny mode."""
+    tiny = limits.TINY_DEFAULTS if engine.tiny else {}
+    return dict(
+        num_frames=tiny.get("num_frames", limits.FRAMES.default),
+        steps=tiny.get("steps", limits.STEPS.default),
+        guidance_scale=limits.GUIDANCE.default,
+        id_scale=limits.ID_SCALE.default,
+        fps=limits.FPS.default,
+        resolution=next(iter(resolutions(engine))),
+        backbone=engine.backbones()[0],
+    )
+
+
+def slider(limit: limits.Limit, value, label: str | None = None, **kwargs) -> gr.Slider:
+    """A slider whose range and step are the setting's own (the library validates with the same Limit)."""
+    return gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
+
+
 # -- handlers (plain functions) ------------------------------------------------------------------
 
 
 def page_banner():
     """On every page load: the current mode and state (tiny mode, downloading, CPU)."""
-    text = studio().banner()
+    text = banner_text(studio())
     return gr.update(value=text, visible=bool(text))
 
 
@@ -128,27 +189,31 @@ def generate(
     session = _session(request)
     stop = threading.Event()
     _stops[session] = stop
-    job = Request(
+    presets = resolutions(studio())
+    if resolution not in presets:
+        raise _error(f"Resolution must be one of {', '.join(presets)}.")
+    height, width = presets[resolution]
+    request = Request(
         faces=_paths(files),
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
         add_prompt_suffix=bool(add_suffix),
         backbone=backbone or "",
         custom_backbone=custom_backbone or "",
-        seed=seed,
-        randomize_seed=bool(randomize),
+        seed=None if randomize else seed,
         id_scale=id_scale,
         num_frames=frames,
         steps=steps,
         guidance_scale=guidance,
         fps=fps,
-        resolution=resolution or "",
+        height=height,
+        width=width,
     )
     events = None
     try:
         progress(0, desc="Checking the photos and loading the model")
         try:
-            prepared = studio().prepare(job)
+            prepared = studio().prepare(request)
         except IDAnimatorError as exc:
             raise _error(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
@@ -215,11 +280,12 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
     if engine is not None:
         _studio = engine
     engine = studio()
-    defaults = engine.defaults()
+    defaults = starting_values(engine)
+    banner_markdown = banner_text(engine)
     # Gradio keeps its own copies of served files: drop them after an hour, checked hourly.
     with gr.Blocks(title="idanimator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
-        banner = gr.Markdown(engine.banner(), visible=bool(engine.banner()), elem_id="banner")
+        banner = gr.Markdown(banner_markdown, visible=bool(banner_markdown), elem_id="banner")
         with gr.Row():
             with gr.Column():
                 files = gr.File(
@@ -242,7 +308,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2)
                 add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
                 backbone = gr.Dropdown(
-                    engine.backbone_choices(), value=defaults["backbone"], label="Backbone", elem_id="backbone"
+                    backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
                 )
                 custom_backbone = gr.Textbox(
                     label="Or a local backbone file/folder, or a Hub id (operator option)",
@@ -250,22 +316,28 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     elem_id="custom-backbone",
                 )
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    seed = gr.Number(
+                        label="Seed",
+                        value=42,
+                        precision=0,
+                        minimum=limits.SEED.low,
+                        maximum=limits.SEED.high,
+                        elem_id="seed",
+                    )
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
                 with gr.Accordion("Advanced", open=False):
-                    id_scale = gr.Slider(
-                        0,
-                        1.5,
-                        value=defaults["id_scale"],
-                        step=0.05,
-                        label="ID scale (higher: more like the photo; lower: follows the prompt)",
+                    id_scale = slider(
+                        limits.ID_SCALE,
+                        defaults["id_scale"],
+                        "ID scale (higher: more like the photo; lower: follows the prompt)",
+                        elem_id="id-scale",
                     )
-                    frames = gr.Slider(8, 32, value=defaults["num_frames"], step=1, label="Frames")
-                    steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps")
-                    guidance = gr.Slider(1, 15, value=defaults["guidance_scale"], step=0.5, label="Guidance scale")
-                    fps = gr.Slider(1, 30, value=defaults["fps"], step=1, label="Frames per second")
+                    frames = slider(limits.FRAMES, defaults["num_frames"], elem_id="frames")
+                    steps = slider(limits.STEPS, defaults["steps"], elem_id="steps")
+                    guidance = slider(limits.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
+                    fps = slider(limits.FPS, defaults["fps"], elem_id="fps")
                     resolution = gr.Radio(
-                        list(engine.resolutions()), value=defaults["resolution"], label="Resolution (height x width)"
+                        list(resolutions(engine)), value=defaults["resolution"], label="Resolution (height x width)"
                     )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -301,38 +373,35 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
             ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
         ]
         examples = [[[str(ASSETS / name)], text] for name, text in examples if (ASSETS / name).exists()]
+        # The request's inputs, listed once: Generate sends them all, the examples fill the first two.
+        inputs = [
+            files,
+            prompt,
+            negative,
+            add_suffix,
+            backbone,
+            custom_backbone,
+            seed,
+            randomize,
+            id_scale,
+            frames,
+            steps,
+            guidance,
+            fps,
+            resolution,
+            history,
+        ]
         if examples:
             gr.Examples(
                 examples=examples,
-                inputs=[files, prompt],
+                inputs=inputs[: len(examples[0])],
                 cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
             )
 
         # -- events ----------------------------------------------------------------------------
         demo.load(page_banner, None, banner, queue=False)
         files.change(show_faces, files, [crops, face_notes], api_name="faces", concurrency_limit=2)
-        event = run.click(
-            generate,
-            [
-                files,
-                prompt,
-                negative,
-                add_suffix,
-                backbone,
-                custom_backbone,
-                seed,
-                randomize,
-                id_scale,
-                frames,
-                steps,
-                guidance,
-                fps,
-                resolution,
-                history,
-            ],
-            [live, preview, result, seed_used, seed, history],
-            api_name="generate",
-        )
+        event = run.click(generate, inputs, [live, preview, result, seed_used, seed, history], api_name="generate")
         event.then(history_gallery, history, gallery, queue=False).then(history_table, history, table, queue=False)
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)

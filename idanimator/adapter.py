@@ -29,6 +29,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection, MultiIPAda
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import atomic_path
 
 RESAMPLER_DIM_HEAD = 64  # fixed by the release (and by IP-Adapter-Plus)
 
@@ -164,18 +165,16 @@ def save_face_adapter_weights(weights: FaceAdapterWeights, path: str | Path) -> 
     path = Path(path)
     flat = {f"image_proj.{k}": v for k, v in weights.image_proj.items()}
     flat.update({f"face_adapter.{k}": v for k, v in weights.face_adapter.items()})
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in flat.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    with atomic_path(path) as temp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in flat.items()}, str(temp), metadata={"format": "pt"})
     return path
 
 
 def save_official_checkpoint(weights: FaceAdapterWeights, path: str | Path) -> Path:
     """Write the release's `animator.ckpt` layout A (used by the tiny kit and by training)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"image_proj": weights.image_proj, "face_adapter": weights.face_adapter}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as temp:
+        torch.save({"image_proj": weights.image_proj, "face_adapter": weights.face_adapter}, str(temp))
     return path
 
 
@@ -355,10 +354,3 @@ def _fuse_lora(attn, face_adapter: dict[str, torch.Tensor], index: int) -> int:
         delta = (up @ down).to(linear.weight.device)
         linear.weight.data = (linear.weight.data.float() + delta).to(linear.weight.dtype)
     return 2 * len(_LORA_TARGETS)
-
-
-def set_id_scale(unet, scale: float) -> None:
-    """Weight of the face attention (0 = no face tokens; the fused LoRA stays on, as in the release)."""
-    for name in spatial_cross_attention_names(unet):
-        proc = unet.attn_processors[name]
-        proc.scale = [float(scale)] * len(proc.scale)

@@ -11,14 +11,19 @@ import sys
 from pathlib import Path
 
 from . import registry
+from . import settings as limits
 from .errors import IDAnimatorError
+from .prompts import DEFAULT_NEGATIVE_PROMPT
+from .settings import OFFLOAD_MODES
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .face import crop_face, get_detector
-    from .pipeline import GenerationSettings, IDAnimatorPipeline
+    from .pipeline import IDAnimatorPipeline
+    from .service import out_of_memory_guard
+    from .settings import GenerationSettings
     from .video import save_video
 
     # Cheap checks first: a bad setting or a photo without a face is reported before any model loads.
@@ -34,6 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         add_prompt_suffix=not args.no_prompt_suffix,
     ).validate()
+    fps = limits.FPS.check(args.fps)
     detector = get_detector(args.detector)
     crops = [crop_face(face, detector) for face in args.face]
 
@@ -50,12 +56,13 @@ def _generate(args: argparse.Namespace) -> int:
         tiny=args.tiny,
         detector=detector,
     )
-    if pipe.device == "cpu" and not args.tiny:
+    if pipe.pipe._execution_device.type == "cpu" and not args.tiny:
         print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
-    result = pipe.generate(crops, settings)
+    with out_of_memory_guard():
+        result = pipe(crops, **settings.as_dict())
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    out = save_video(result.frames, args.out, fps=args.fps)
+    out = save_video(result.frames, args.out, fps=fps)
     print(f"seed: {result.seed}")
     print(f"wrote {out}")
     return 0
@@ -121,31 +128,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="a photo of the face; repeat to mix several photos into one identity",
     )
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None, help="default: the release's negative prompt")
+    gen.add_argument(
+        "--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="default: the release's negative prompt"
+    )
     gen.add_argument("--out", required=True, type=Path, help=".mp4, .gif, or a folder for PNG frames")
     gen.add_argument(
         "--backbone",
-        default=registry.DEFAULT_BACKBONE,
-        help=f"a registry name ({', '.join(registry.BACKBONES)}), a Hub id, or a local folder/file",
+        default=None,
+        help=f"a registry name ({', '.join(registry.BACKBONES)}; default {registry.DEFAULT_BACKBONE}), "
+        "a Hub id, or a local folder/file",
     )
     gen.add_argument("--adapter", default=None, help="face adapter: animator.ckpt or .safetensors path")
     gen.add_argument("--motion-adapter", default=None, help="diffusers MotionAdapter folder or Hub id")
     gen.add_argument("--image-encoder", default=None, help="CLIP vision folder or Hub id")
     gen.add_argument("--base", default=None, help="SD1.5 diffusers folder (configs for single-file backbones)")
     gen.add_argument("--seed", type=int, default=None, help="default: a random seed, printed")
-    gen.add_argument("--frames", type=int, default=16)
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=8.0)
-    gen.add_argument("--id-scale", type=float, default=0.8)
-    gen.add_argument("--height", type=int, default=512)
-    gen.add_argument("--width", type=int, default=512)
-    gen.add_argument("--fps", type=int, default=9)
+    for flag, limit, kind in (
+        ("--frames", limits.FRAMES, int),
+        ("--steps", limits.STEPS, int),
+        ("--guidance", limits.GUIDANCE, float),
+        ("--id-scale", limits.ID_SCALE, float),
+        ("--height", limits.HEIGHT, int),
+        ("--width", limits.WIDTH, int),
+        ("--fps", limits.FPS, int),
+    ):
+        gen.add_argument(flag, type=kind, default=limit.default, help=f"{limit.low:g}-{limit.high:g}")
     gen.add_argument(
         "--no-prompt-suffix", action="store_true", help="do not append the release's quality words to the prompts"
     )
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
-    gen.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
+    gen.add_argument("--offload", choices=OFFLOAD_MODES, default="none")
     gen.add_argument("--detector", choices=["auto", "insightface", "retinaface"], default="auto")
     gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
     gen.set_defaults(run=_generate)
@@ -192,11 +205,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - CUDA OOM and friends, reported without a traceback
-        if type(exc).__name__ == "OutOfMemoryError":
-            print(
-                "error: the GPU ran out of memory; try fewer frames, a smaller size, or --offload model.",
-                file=sys.stderr,
-            )
-            return 1
-        raise

@@ -36,3 +36,7 @@ class DetectorUnavailableError(IDAnimatorError):
 
 class GPUOutOfMemoryError(IDAnimatorError):
     """The GPU ran out of memory during a request (caches were freed)."""
+
+
+class GenerationCancelled(IDAnimatorError):
+    """The caller asked to stop; raised at the next denoising step (or before the first)."""

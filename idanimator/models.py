@@ -7,17 +7,19 @@ weights are), and only then cast and placed. Each loader turns a broken or incom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
 
-from .adapter import FaceAdapterWeights, install_face_adapter
+from . import registry
+from .adapter import FaceAdapterWeights, install_face_adapter, load_face_adapter_weights
 from .errors import WeightsUnavailableError
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+from .registry import SINGLE_FILE_SUFFIXES
+from .settings import OFFLOAD_MODES
+from .weights import resolve
 
 
 def release_scheduler() -> DDIMScheduler:
@@ -61,7 +63,7 @@ def load_backbone(path: Path, base: Path | None) -> BackboneParts:
 
     try:
         if path.is_file():
-            if path.suffix not in SINGLE_FILE_SUFFIXES:
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise WeightsUnavailableError(f"{path} is not a .safetensors or .ckpt checkpoint.")
             if base is None:
                 raise WeightsUnavailableError(
@@ -141,13 +143,11 @@ def use_per_frame_motion_norms(unet: UNetMotionModel) -> int:
     return count
 
 
-def build_motion_unet(
-    parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights, id_scale: float = 1.0
-) -> UNetMotionModel:
-    """SD1.5 UNet + AnimateDiff motion modules + the face adapter, in float32 on the CPU."""
+def build_motion_unet(parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights) -> UNetMotionModel:
+    """SD1.5 UNet + AnimateDiff motion modules (per-frame norms) + the face adapter, in float32 on the CPU."""
     unet = UNetMotionModel.from_unet2d(parts.unet, motion_adapter)
     use_per_frame_motion_norms(unet)
-    install_face_adapter(unet, face, scale=id_scale)
+    install_face_adapter(unet, face)
     return unet
 
 
@@ -182,5 +182,87 @@ def place_pipeline(pipe: AnimateDiffPipeline, device: str, dtype: torch.dtype, o
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
-        raise ValueError(f"offload must be none, model or sequential, not {offload!r}")
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     pipe.vae.enable_slicing()
+
+
+# -- from names to a ready diffusers pipeline -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Where every part comes from (registry names, Hub ids or local paths) and how pipelines are placed."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    offload: str = "none"
+    face_adapter: str | Path | None = None  # None: the registry's (the release's) weights
+    motion_adapter: str | Path | None = None
+    image_encoder: str | Path | None = None
+    base: str | Path | None = None  # SD1.5 folder: configs for single-file backbones, parts a folder lacks
+    backbones: tuple[tuple[str, Path], ...] = ()  # named local backbones (the tiny kit's); replace the registry's
+    default_backbone: str = registry.DEFAULT_BACKBONE
+    allow_hub_ids: bool = True  # False on public deployments: named backbones only
+    tiny: bool = False  # the parts are the tiny random kit's
+
+    @staticmethod
+    def for_device(device: str | None = None, dtype: torch.dtype | None = None, **kwargs) -> LoadOptions:
+        """float16 on CUDA, float32 on the CPU, unless ``dtype`` says otherwise."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+        if kwargs.get("offload", "none") not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}")
+        return LoadOptions(device=device, dtype=dtype, **kwargs)
+
+    def backbone_names(self) -> list[str]:
+        """The backbones offered by name: the named local ones if any, else the registry's."""
+        return [name for name, _ in self.backbones] or list(registry.BACKBONES)
+
+
+@dataclass
+class SharedParts:
+    """What every backbone shares: loaded once, reused by each pipeline built on them."""
+
+    face: FaceAdapterWeights
+    motion_adapter: MotionAdapter
+    image_encoder: torch.nn.Module
+    options: LoadOptions
+    base_path: Path | None = field(default=None)  # resolved on first need (downloads the SD1.5 base)
+
+    def base(self) -> Path:
+        if self.base_path is None:
+            self.base_path = resolve(self.options.base or registry.BASE_MODEL, what="SD1.5 base model")
+        return self.base_path
+
+
+def load_shared_parts(options: LoadOptions) -> SharedParts:
+    """Resolve (download if needed) and load the face adapter, motion adapter and image encoder."""
+    face = resolve(options.face_adapter or registry.FACE_ADAPTER, what="face adapter")
+    motion = resolve(options.motion_adapter or registry.MOTION_ADAPTER, what="motion adapter")
+    encoder = resolve(options.image_encoder or registry.IMAGE_ENCODER, what="image encoder")
+    return SharedParts(
+        face=load_face_adapter_weights(face),
+        motion_adapter=load_motion_adapter(motion),
+        image_encoder=load_image_encoder(encoder),
+        options=options,
+    )
+
+
+def resolve_backbone(options: LoadOptions, backbone: str | Path | None) -> Path:
+    """A backbone name (named local one, registry name), Hub id or path -> local files (downloading them)."""
+    backbone = backbone or options.default_backbone
+    named = dict(options.backbones)
+    if str(backbone) in named:
+        return named[str(backbone)]
+    return resolve(backbone, what="backbone", allow_hub_ids=options.allow_hub_ids)
+
+
+def build_animatediff(shared: SharedParts, backbone: str | Path | None = None) -> AnimateDiffPipeline:
+    """A placed AnimateDiffPipeline for ``backbone`` on the shared parts: motion UNet with the face adapter."""
+    path = resolve_backbone(shared.options, backbone)
+    complete = path.is_dir() and all((path / s).is_dir() for s in ("vae", "text_encoder", "tokenizer"))
+    parts = load_backbone(path, None if complete else shared.base())
+    pipe = assemble_pipeline(parts, build_motion_unet(parts, shared.motion_adapter, shared.face), shared.image_encoder)
+    o = shared.options
+    place_pipeline(pipe, o.device, o.dtype, o.offload)
+    return pipe

@@ -1,110 +1,29 @@
 """IDAnimatorPipeline: face photo(s) + prompt -> an identity-preserving video, in one forward pass.
 
-It wraps diffusers' AnimateDiffPipeline (whose UNet carries the face adapter, see
+It composes diffusers' AnimateDiffPipeline (whose UNet carries the face adapter, see
 :mod:`idanimator.adapter`) and adds what the release's demo did around it: face detection and
 alignment, identity mixing over several photos, the release's prompt defaults, seeds that are always
-reported, progress callbacks and cancellation.
+reported, step callbacks and a stop hook. Read top to bottom like a diffusers pipeline: ``check_inputs``,
+``prepare_faces``, ``encode_faces``, then ``denoise`` and ``decode`` (public, so a caller can stream the
+video while it is decoded).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import registry
-from .adapter import set_id_scale
-from .errors import IDAnimatorError, InvalidRequestError
-from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, clean_text, fit_to_tokens
+from .errors import GenerationCancelled, InvalidRequestError
+from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, fit_to_tokens
+from .settings import FRAMES, GUIDANCE, HEIGHT, ID_SCALE, STEPS, WIDTH, GenerationSettings, draw_seed
 
-MAX_SEED = 2**32 - 1
-MAX_FRAMES = 32  # the motion module's positional encoding holds 32 frames
-
-
-class GenerationCancelled(IDAnimatorError):
-    """The caller asked to stop; raised at the next denoising step."""
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that decides a video besides the faces; validated once, at the boundary."""
-
-    prompt: str
-    negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT
-    num_frames: int = 16
-    steps: int = 30
-    guidance_scale: float = 8.0
-    id_scale: float = 0.8
-    seed: int | None = None  # None or -1: draw one (and report it)
-    height: int = 512
-    width: int = 512
-    add_prompt_suffix: bool = True
-
-    def validate(self) -> GenerationSettings:
-        """Return a checked copy; a bad value raises InvalidRequestError naming it and its range."""
-        prompt = clean_text(self.prompt or "")
-        if not prompt:
-            raise InvalidRequestError("The prompt is empty: describe what the person should be doing.")
-        negative = clean_text(self.negative_prompt or "")
-        frames = whole_number("Frames", self.num_frames, 1, MAX_FRAMES)
-        steps = whole_number("Steps", self.steps, 1, 200)
-        height, width = (
-            whole_number(name, value, 64, 1024) for name, value in (("Height", self.height), ("Width", self.width))
-        )
-        for name, value in (("Height", height), ("Width", width)):
-            if value % 8:
-                raise InvalidRequestError(f"{name} must be a multiple of 8 (got {value}).")
-        _check_float("Guidance scale", self.guidance_scale, 0.0, 30.0)
-        _check_float("ID scale", self.id_scale, 0.0, 2.0)
-        seed = self.seed
-        if seed is not None and seed != -1:
-            seed = whole_number("Seed", seed, 0, MAX_SEED)
-        return GenerationSettings(
-            **{
-                **asdict(self),
-                "num_frames": frames,
-                "steps": steps,
-                "height": height,
-                "width": width,
-                "seed": seed,
-                "prompt": prompt,
-                "negative_prompt": negative,
-                "guidance_scale": float(self.guidance_scale),
-                "id_scale": float(self.id_scale),
-            }
-        )
-
-
-def whole_number(name: str, value, low: int, high: int) -> int:
-    """A whole-number setting in [low, high] as an int; 8.0 is accepted (widgets and JSON send floats)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidRequestError(f"{name} must be a whole number between {low} and {high} (got {value!r}).")
-    if not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be between {low} and {high} (got {value}).")
-    return int(value)
-
-
-def _check_float(name: str, value, low: float, high: float) -> None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(f"{name} must be a number between {low} and {high} (got {value!r}).") from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise InvalidRequestError(f"{name} must be between {low} and {high} (got {value!r}).")
-
-
-def draw_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, latents)
 
 
 @dataclass
@@ -117,44 +36,46 @@ class GenerationResult:
     latents: torch.Tensor | None = None  # [1, 4, frames, h/8, w/8], from denoise() before decoding
 
 
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, latents)
+class FaceFeatureCache:
+    """CLIP features of aligned crops, by the crop's pixels (LRU). One cache can serve every backbone's
+    pipeline: the image encoder is shared, so a face is encoded once per process."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.misses = 0  # how often the image encoder actually ran
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, image, encode: Callable[[object], torch.Tensor]) -> torch.Tensor:
+        key = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+        if key not in self._items:
+            self._items[key] = encode(image)
+            self.misses += 1
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class IDAnimatorPipeline:
     """The ID-Animator model: an AnimateDiff pipeline with the face adapter, plus face handling.
 
-    Build it with :meth:`from_pretrained` (or :func:`load_pipeline`); call it with face photos and a
-    prompt. Attribute ``pipe`` is the underlying diffusers pipeline.
+    Build it with :meth:`from_pretrained`; call it with face photos and a prompt. ``pipe`` is the
+    underlying diffusers pipeline.
     """
 
-    def __init__(
-        self,
-        pipe,
-        *,
-        device: str,
-        dtype: torch.dtype,
-        offload: str = "none",
-        detector=None,
-        face_cache: OrderedDict | None = None,
-        face_cache_size: int = 32,
-        backbone: str = "",
-    ):
+    def __init__(self, pipe, *, dtype: torch.dtype, detector=None, face_cache: FaceFeatureCache | None = None):
         self.pipe = pipe
-        self.device = device
         self.dtype = dtype
-        self.offload = offload
-        self.backbone = backbone
         self._detector = detector
-        self._face_cache: OrderedDict[str, torch.Tensor] = OrderedDict() if face_cache is None else face_cache
-        self._face_cache_size = face_cache_size
-        self.face_encoder_calls = 0  # how often the image encoder actually ran (the cache is observable)
-
-    # -- construction ---------------------------------------------------------------------------
+        self.face_cache = face_cache if face_cache is not None else FaceFeatureCache()
 
     @classmethod
     def from_pretrained(
         cls,
-        backbone: str | Path = registry.DEFAULT_BACKBONE,
+        backbone: str | Path | None = None,
         *,
         face_adapter: str | Path | None = None,
         motion_adapter: str | Path | None = None,
@@ -165,28 +86,25 @@ class IDAnimatorPipeline:
         offload: str = "none",
         tiny: bool = False,
         detector=None,
-        allow_hub_ids: bool = True,
     ) -> IDAnimatorPipeline:
-        """Load every part (registry names, Hub ids or local paths), with the release's defaults.
+        """Load every part (registry names, Hub ids or local paths; the release's by default).
 
-        ``tiny=True`` uses the tiny random kit (built on first use) for every part not given.
+        ``backbone``: a registry name (default: the release's Realistic Vision V6.0 B1), Hub id or local
+        folder/file. ``tiny=True`` takes every part not given from the tiny random kit (built on first use).
         """
-        from .loader import LoadOptions, ModelStore
+        from .models import LoadOptions, build_animatediff, load_shared_parts
 
-        options = LoadOptions.for_device(
-            device,
-            dtype,
-            offload=offload,
-            tiny=tiny,
-            face_adapter=face_adapter,
-            motion_adapter=motion_adapter,
-            image_encoder=image_encoder,
-            base=base,
-            allow_hub_ids=allow_hub_ids,
-        )
-        return ModelStore(options, detector=detector).build(backbone)
+        parts = dict(face_adapter=face_adapter, motion_adapter=motion_adapter, image_encoder=image_encoder, base=base)
+        if tiny:
+            from .testing import tiny_load_options
 
-    # -- faces ----------------------------------------------------------------------------------
+            options = tiny_load_options(device=device, dtype=dtype, offload=offload, **parts)
+        else:
+            options = LoadOptions.for_device(device, dtype, offload=offload, **parts)
+        pipe = build_animatediff(load_shared_parts(options), backbone)
+        return cls(pipe, dtype=options.dtype, detector=detector)
+
+    # -- inputs ---------------------------------------------------------------------------------
 
     @property
     def detector(self):
@@ -196,8 +114,14 @@ class IDAnimatorPipeline:
             self._detector = get_detector("auto")
         return self._detector
 
+    def check_inputs(self, faces: Sequence, settings: GenerationSettings) -> GenerationSettings:
+        """The validated settings; every bad value raises InvalidRequestError naming it and its range."""
+        if not faces:
+            raise InvalidRequestError("Add at least one photo of a face.")
+        return settings.validate()
+
     def prepare_faces(self, images: Sequence) -> list:
-        """Detect, choose and align the face in each photo (what the model will see)."""
+        """Detect, choose and align the face in each photo (what the model will see); FaceCrops pass through."""
         from .face import crop_face
 
         if not images:
@@ -208,44 +132,42 @@ class IDAnimatorPipeline:
     def encode_faces(self, crops: Sequence) -> torch.Tensor:
         """CLIP penultimate features of the aligned crops, stacked [uncond, cond] as [2, N, seq, dim].
 
-        The unconditional branch is CLIP of an all-zeros normalised image, as in the release. Results are
-        cached by the crop's pixels, so a repeated face skips the image encoder.
+        The unconditional branch is CLIP of an all-zeros normalised image, as in the release.
         """
-        rows = []
-        for crop in crops:
-            image = getattr(crop, "image", crop)
-            key = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
-            if key not in self._face_cache:
-                device = self.pipe._execution_device
-                cond, uncond = self.pipe.encode_image([image], device, 1, output_hidden_states=True)
-                self.face_encoder_calls += 1
-                self._face_cache[key] = torch.stack([uncond[0], cond[0]]).cpu()
-                if len(self._face_cache) > self._face_cache_size:
-                    self._face_cache.popitem(last=False)
-            self._face_cache.move_to_end(key)
-            rows.append(self._face_cache[key])
-        return torch.stack(rows, dim=1)
+
+        def encode(image) -> torch.Tensor:
+            cond, uncond = self.pipe.encode_image([image], self.pipe._execution_device, 1, output_hidden_states=True)
+            return torch.stack([uncond[0], cond[0]]).cpu()
+
+        return torch.stack([self.face_cache.get(getattr(c, "image", c), encode) for c in crops], dim=1)
 
     # -- generation -----------------------------------------------------------------------------
 
     def __call__(
         self,
-        face_images: Sequence,
+        faces: Sequence | object,
         prompt: str,
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
         *,
-        num_frames: int = 16,
-        steps: int = 30,
-        guidance_scale: float = 8.0,
-        id_scale: float = 0.8,
+        num_frames: int = FRAMES.default,
+        steps: int = STEPS.default,
+        guidance_scale: float = GUIDANCE.default,
+        id_scale: float = ID_SCALE.default,
         seed: int | None = None,
-        height: int = 512,
-        width: int = 512,
+        height: int = HEIGHT.default,
+        width: int = WIDTH.default,
         add_prompt_suffix: bool = True,
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """Make one video. ``face_images`` are photos (paths, PIL images, arrays) or prepared FaceCrops."""
+        """Make one video.
+
+        ``faces``: one or more photos (paths, PIL images, arrays) or prepared FaceCrops; several photos of
+        one person are mixed. ``seed`` None draws one (reported in the result). ``callback(step, total,
+        latents)`` runs after every step; ``should_stop()`` is asked before every step and ends the run with
+        GenerationCancelled.
+        """
+        faces = list(faces) if isinstance(faces, (list, tuple)) else [faces]
         settings = GenerationSettings(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -257,27 +179,11 @@ class IDAnimatorPipeline:
             height=height,
             width=width,
             add_prompt_suffix=add_prompt_suffix,
-        ).validate()
-        from .face import FaceCrop
-
-        images = list(face_images) if isinstance(face_images, (list, tuple)) else [face_images]
-        crops = [c for c in images if isinstance(c, FaceCrop)]
-        if len(crops) != len(images):
-            crops = self.prepare_faces(images)
-        return self.generate(crops, settings, callback=callback, should_stop=should_stop)
-
-    def generate(
-        self,
-        crops: Sequence,
-        settings: GenerationSettings,
-        *,
-        callback: StepCallback | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> GenerationResult:
-        """Make one video from prepared face crops and validated settings."""
+        )
+        settings = self.check_inputs(faces, settings)
+        crops = self.prepare_faces(faces)
         result = self.denoise(crops, settings, callback=callback, should_stop=should_stop)
-        result.frames = self.decode(result.latents)
-        result.latents = None
+        result.frames, result.latents = self.decode(result.latents), None
         return result
 
     def denoise(
@@ -288,19 +194,18 @@ class IDAnimatorPipeline:
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """Run the denoising loop only; the result holds ``latents`` (decode them with :meth:`decode`,
-        all at once or a few frames at a time, e.g. to stream the video as it is decoded)."""
+        """The denoising loop only, from aligned crops and validated settings; the result holds ``latents``
+        (decode them with :meth:`decode`, all at once or a few frames at a time)."""
         if should_stop is not None and should_stop():  # stopped while waiting in a queue
             raise GenerationCancelled("Generation was stopped.")
         warnings = [w for crop in crops for w in getattr(crop, "warnings", [])]
         prompt, negative = self._final_prompts(settings, warnings)
-        seed = draw_seed() if settings.seed in (None, -1) else int(settings.seed)
+        seed = draw_seed() if settings.seed is None else settings.seed
         device = self.pipe._execution_device
-        generator = torch.Generator(device=device).manual_seed(seed)
         embeds = self.encode_faces(crops)
         if settings.guidance_scale <= 1.0:
             embeds = embeds[1:]  # no classifier-free guidance: the conditional half only
-        set_id_scale(self.pipe.unet, settings.id_scale)
+        self.pipe.set_ip_adapter_scale(settings.id_scale)
 
         def on_step_end(pipe, step, timestep, tensors):
             if should_stop is not None and should_stop():
@@ -318,7 +223,7 @@ class IDAnimatorPipeline:
                 width=settings.width,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
-                generator=generator,
+                generator=torch.Generator(device=device).manual_seed(seed),
                 ip_adapter_image_embeds=[embeds.to(device=device, dtype=self.dtype)],
                 output_type="latent",
                 callback_on_step_end=on_step_end,
@@ -332,9 +237,8 @@ class IDAnimatorPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Frames ``start:stop`` of denoised latents as [frames, height, width, 3] float32 in [0, 1]."""
-        chunk = latents[:, :, start:stop]
         try:
-            video = self.pipe.decode_latents(chunk, decode_chunk_size=8)
+            video = self.pipe.decode_latents(latents[:, :, start:stop], decode_chunk_size=8)
             frames = self.pipe.video_processor.postprocess_video(video=video, output_type="np")
         finally:
             self.pipe.maybe_free_model_hooks()
@@ -351,8 +255,3 @@ class IDAnimatorPipeline:
             warnings.append("The prompt is longer than the text encoder's 77 tokens; the end was cut off.")
         negative, _ = fit_to_tokens(negative, tokenizer)  # the release's own default is longer: no warning
         return prompt, negative
-
-
-def load_pipeline(backbone: str | Path = registry.DEFAULT_BACKBONE, **kwargs) -> IDAnimatorPipeline:
-    """Shorthand for :meth:`IDAnimatorPipeline.from_pretrained`."""
-    return IDAnimatorPipeline.from_pretrained(backbone, **kwargs)

@@ -33,6 +33,9 @@ class HubFile:
 
 Source = HubFolder | HubFile
 
+# Single-file checkpoints we load (original SD layout). Pickled .pt/.pth/.bin files are refused everywhere.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
 
 @dataclass(frozen=True)
 class Backbone:

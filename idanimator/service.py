@@ -1,8 +1,10 @@
-"""The process-wide engine used by the app: one cached pipeline, face embeddings cached by image hash.
+"""The single owner of loaded models in a long-running process (the app).
 
-The pipeline is keyed by (backbone, device, dtype, offload). A backbone switch builds the new backbone
-on the parts the store already holds (motion adapter, image encoder, face adapter), and only one
-pipeline is kept at a time so a GPU never holds two UNets.
+:class:`ModelService` loads the parts every backbone shares once (face adapter, motion adapter, image
+encoder), keeps one pipeline at a time (a GPU never holds two UNets; a backbone switch loads only the new
+backbone), owns the face detector and the face-feature cache that every pipeline shares, and turns CUDA
+out-of-memory into a sentence after freeing what it holds. Callers ask it for things; nothing reaches
+inside it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,16 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-from .loader import LoadOptions, ModelStore
+from .errors import GPUOutOfMemoryError, InvalidRequestError
+from .models import LoadOptions, SharedParts, build_animatediff, load_shared_parts, resolve_backbone
+from .pipeline import FaceFeatureCache, IDAnimatorPipeline
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +30,17 @@ GIB = 1024**3
 # needs about 10 GB in the release; model offload keeps one part at a time on the GPU.
 FULL_GPU_MIN_FREE = 14 * GIB
 MODEL_OFFLOAD_MIN_FREE = 7 * GIB
+OOM_MESSAGE = (
+    "The GPU ran out of memory. Try fewer frames or a smaller resolution, or start with "
+    "--offload model (or --offload sequential on small cards)."
+)
 
 
 def choose_offload(free_bytes: int | None) -> str:
     """Pick an offload mode from free GPU memory: none on large cards, model on mid, sequential on small."""
-    if free_bytes is None:
+    if free_bytes is None or free_bytes >= FULL_GPU_MIN_FREE:
         return "none"
-    if free_bytes >= FULL_GPU_MIN_FREE:
-        return "none"
-    if free_bytes >= MODEL_OFFLOAD_MIN_FREE:
-        return "model"
-    return "sequential"
+    return "model" if free_bytes >= MODEL_OFFLOAD_MIN_FREE else "sequential"
 
 
 def free_gpu_memory(device: str) -> int | None:
@@ -43,49 +51,98 @@ def free_gpu_memory(device: str) -> int | None:
 
 
 def release_memory() -> None:
-    """Give cached GPU memory back (after an out-of-memory error or a backbone switch)."""
+    """Give cached GPU memory back (after an out-of-memory error, a stop or a backbone switch)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-class PipelineService:
-    """Hands out the current pipeline, building or switching it on demand. Thread-safe."""
+@contextmanager
+def out_of_memory_guard(on_oom=None) -> Iterator[None]:
+    """Turn CUDA out-of-memory into GPUOutOfMemoryError (with what to lower), after ``on_oom()`` frees memory."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if on_oom is not None:
+            on_oom()
+        release_memory()
+        raise GPUOutOfMemoryError(OOM_MESSAGE) from exc
 
-    def __init__(self, options: LoadOptions, detector=None):
-        self.store = ModelStore(options, detector=detector)
-        self._key: tuple | None = None
-        self._pipeline = None
+
+class ModelService:
+    """Hands out the pipeline for a backbone, building or switching it on demand. Thread-safe."""
+
+    def __init__(self, options: LoadOptions, detector=None, face_cache_size: int = 64):
+        self.options = options
+        self.loads: Counter[str] = Counter()  # how many times each kind of part was loaded from disk
+        self.face_cache = FaceFeatureCache(face_cache_size)
+        self._detector = detector
+        self._shared: SharedParts | None = None
+        self._backbone: str | None = None
+        self._pipeline: IDAnimatorPipeline | None = None
         self._lock = threading.RLock()
 
-    @property
-    def options(self) -> LoadOptions:
-        return self.store.options
+    # -- what callers ask for -------------------------------------------------------------------
 
-    def key(self, backbone: str) -> tuple:
-        o = self.options
-        return (backbone, o.device, str(o.dtype), o.offload)
-
-    def pipeline(self, backbone: str):
+    def detector(self):
+        """The face detector (loaded on first use, shared by every pipeline)."""
         with self._lock:
-            key = self.key(backbone)
-            if self._pipeline is not None and self._key == key:
+            if self._detector is None:
+                from .face import get_detector
+
+                self._detector = get_detector("auto")
+            return self._detector
+
+    def check_backbone(self, name: str, custom: str = "", allow_custom: bool = False) -> str:
+        """What to load for a request: a backbone offered by name, or (operators only) a path or Hub id."""
+        if custom and custom.strip():
+            if not allow_custom:
+                raise InvalidRequestError("Custom backbones are switched off on this server; pick one from the list.")
+            return custom.strip()
+        if name not in self.options.backbone_names():
+            raise InvalidRequestError(f"Unknown backbone {name!r}; pick one from the list.")
+        return name
+
+    def fetch_backbone(self, backbone: str) -> Path:
+        """Make sure a backbone's files are on disk (downloading them) without loading it."""
+        return resolve_backbone(self.options, backbone)
+
+    def pipeline(self, backbone: str | None = None) -> IDAnimatorPipeline:
+        """The pipeline for ``backbone`` (default: the options' default), built on first use or on a switch."""
+        backbone = backbone or self.options.default_backbone
+        with self._lock:
+            if self._pipeline is not None and self._backbone == backbone:
                 return self._pipeline
             if self._pipeline is not None:
-                log.info("switching backbone %s -> %s", self._key[0], backbone)
-                self._pipeline = None
-                release_memory()
-            self._pipeline = self.store.build(backbone)
-            self._key = key
+                log.info("switching backbone %s -> %s", self._backbone, backbone)
+                self.clear()
+            pipe = build_animatediff(self._shared_parts(), backbone)
+            self.loads["backbone"] += 1
+            self._pipeline = IDAnimatorPipeline(
+                pipe, dtype=self.options.dtype, detector=self.detector(), face_cache=self.face_cache
+            )
+            self._backbone = backbone
             return self._pipeline
 
     @property
     def current_backbone(self) -> str | None:
-        return self._key[0] if self._key else None
+        return self._backbone
 
     def clear(self) -> None:
-        """Drop the pipeline (kept parts stay) and free memory; the next request rebuilds it."""
+        """Drop the pipeline (the shared parts stay) and free memory; the next request rebuilds it."""
         with self._lock:
             self._pipeline = None
-            self._key = None
+            self._backbone = None
             release_memory()
+
+    def guard(self):
+        """A context in which CUDA out-of-memory drops the pipeline (freeing memory) and becomes a sentence."""
+        return out_of_memory_guard(self.clear)
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    def _shared_parts(self) -> SharedParts:
+        if self._shared is None:
+            self._shared = load_shared_parts(self.options)
+            self.loads.update(["face_adapter", "motion_adapter", "image_encoder"])
+        return self._shared

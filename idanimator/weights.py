@@ -15,11 +15,11 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import registry
 from .errors import WeightsUnavailableError
-from .registry import BACKBONES, HubFile, HubFolder, Source
+from .registry import BACKBONES, SINGLE_FILE_SUFFIXES, HubFile, HubFolder, Source
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def describe(source: str | Source) -> str:
@@ -49,7 +49,7 @@ def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source |
         and _HUB_ID.match("/".join(parts[:2]))
         and not value.startswith((".", "/", "~"))
     ):
-        if len(parts) > 2 and value.endswith(_SINGLE_FILE_SUFFIXES):
+        if len(parts) > 2 and value.lower().endswith(SINGLE_FILE_SUFFIXES):
             return HubFile("/".join(parts[:2]), "/".join(parts[2:]), revision=revision)
         if len(parts) == 2:
             return HubFolder(value, revision=revision)
@@ -158,3 +158,26 @@ def resolve(value: str | Source | Path, *, what: str = "model", allow_hub_ids: b
         raise _unavailable(source, what, exc) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise _unavailable(source, what, exc) from exc
+
+
+def real_weights_status() -> tuple[str | None, bool]:
+    """Can the release's weights be had? ``(problem, needs_download)``: problem is None when every part is on
+    disk or can be downloaded (then needs_download says whether some still must be); otherwise it is the
+    sentence saying why not (the app then starts in tiny mode). Nothing is downloaded here."""
+    wanted = [
+        (registry.FACE_ADAPTER, "face adapter"),
+        (registry.MOTION_ADAPTER, "motion adapter"),
+        (registry.IMAGE_ENCODER, "image encoder"),
+        (registry.DEFAULT_BACKBONE, "backbone"),
+        (registry.BASE_MODEL, "SD1.5 base model"),
+    ]
+    missing = [(source, what) for source, what in wanted if not is_cached(source)]
+    if not missing:
+        return None, False
+    if hub_reachable():
+        return None, True
+    try:
+        resolve(*missing[0][:1], what=missing[0][1])  # raises the sentence that says what to do
+    except WeightsUnavailableError as exc:
+        return str(exc), False
+    return None, False

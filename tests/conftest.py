@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,81 +78,3 @@ def no_face_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("photos") / "coffee.png"
     Image.fromarray(data.coffee()).save(path)
     return path
-
-
-# -- the app as a real server (for the HTTP and browser tests) ----------------------------------
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
-    port = free_port()
-    log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "app.py"),
-            "--tiny",
-            "--port",
-            str(port),
-            "--output-dir",
-            str(tmp_path / "outputs"),
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app exited: {(tmp_path / 'app.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the app did not start") from None
-                time.sleep(0.5)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def generate_over_http(client, face, seed: int = 3, frames: int = 8):
-    """Call the app's /generate endpoint the way a client would, with tiny-mode settings."""
-    from gradio_client import handle_file
-
-    return client.predict(
-        [handle_file(str(face))],
-        "a person smiling",
-        "",
-        True,
-        "tiny",
-        "",
-        seed,
-        False,
-        0.8,
-        frames,
-        2,
-        8.0,
-        8,
-        "64x64 (tiny)",
-        api_name="/generate",
-    )

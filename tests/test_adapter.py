@@ -17,7 +17,6 @@ from idanimator.adapter import (
     resampler_from_diffusers,
     resampler_to_diffusers,
     save_face_adapter_weights,
-    set_id_scale,
     spatial_cross_attention_names,
 )
 from idanimator.errors import CheckpointError
@@ -251,11 +250,17 @@ def test_fused_lora_and_face_attention_match_the_release(official, tiny_kit):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
-def test_id_scale_changes_only_the_face_branch(official, tiny_kit):
-    unet = fresh_motion_unet(tiny_kit)
-    install_face_adapter(unet, official)
-    set_id_scale(unet, 0.25)
-    assert all(unet.attn_processors[n].scale == [0.25] for n in spatial_cross_attention_names(unet))
+def test_id_scale_reaches_every_face_attention_and_nothing_else(tiny_pipe):
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    unet = tiny_pipe.pipe.unet
+    tiny_pipe.pipe.set_ip_adapter_scale(0.25)  # what denoise() calls with the request's ID scale
+    face = set(spatial_cross_attention_names(unet))
+    for name, processor in unet.attn_processors.items():
+        if name in face:
+            assert processor.scale == [0.25]
+        else:
+            assert not isinstance(processor, IPAdapterAttnProcessor2_0), name
 
 
 def test_motion_norms_run_per_frame(tiny_kit):

@@ -1,4 +1,5 @@
-"""The app over HTTP, as a client sees it: started with `python app.py --tiny`, driven by gradio_client."""
+"""The app: its wording and widgets in-process, then over HTTP as a client sees it (`python app.py --tiny`
+driven by gradio_client)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,53 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 
-from idanimator.video import read_video
-from tests.conftest import generate_over_http, running_app
+from idanimator import settings as limits
+from idanimator.studio import Studio, StudioOptions
+from tests.helpers import generate_over_http, read_video, running_app
+
+
+@pytest.fixture(scope="module")
+def tiny_studio(tiny_kit, detector, tmp_path_factory):
+    return Studio(StudioOptions(tiny=True, device="cpu", output_dir=tmp_path_factory.mktemp("out")), detector=detector)
+
+
+def test_tiny_mode_banner_says_why_and_how_to_get_real_weights(tiny_studio):
+    import app as page
+
+    text = page.banner_text(tiny_studio)
+    assert "random" in text and "python -m idanimator download" in text
+    assert page.backbone_choices(tiny_studio)[0] == ("Tiny random model (folder)", "tiny")
+    assert page.starting_values(tiny_studio)["num_frames"] == limits.TINY_DEFAULTS["num_frames"]
+
+
+def test_real_mode_offers_the_registry_and_the_release_defaults(monkeypatch, tmp_path):
+    import app as page
+    import idanimator.weights
+
+    monkeypatch.setattr(idanimator.weights, "hub_reachable", lambda: True)  # nothing is fetched here
+    engine = Studio(StudioOptions(device="cpu", output_dir=tmp_path))
+    text = page.banner_text(engine)
+    assert "Downloading" in text and "CPU" in text
+    assert ("Realistic Vision V6.0 B1 (release default)", "realistic-vision-v6") in page.backbone_choices(engine)
+    values = page.starting_values(engine)
+    assert (values["num_frames"], values["steps"], values["resolution"]) == (16, 30, "512x512")
+
+
+def test_the_pages_sliders_are_the_settings_limits(tiny_studio):
+    import app as page
+
+    demo = page.build_demo(tiny_studio)
+    sliders = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for elem_id, limit in [
+        ("frames", limits.FRAMES),
+        ("steps", limits.STEPS),
+        ("guidance", limits.GUIDANCE),
+        ("id-scale", limits.ID_SCALE),
+        ("fps", limits.FPS),
+    ]:
+        widget = sliders[elem_id]
+        assert (widget.minimum, widget.maximum, widget.step) == (limit.low, limit.high, limit.step), elem_id
+    assert (sliders["seed"].minimum, sliders["seed"].maximum) == (0, limits.MAX_SEED)
 
 
 @pytest.fixture(scope="module")

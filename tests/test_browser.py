@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_app
+from tests.helpers import running_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

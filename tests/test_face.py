@@ -1,4 +1,5 @@
-"""Face loading, detection, choice and alignment on real photos with the real (offline) retinaface detector."""
+"""Photo loading (idanimator.images) and face detection, choice and alignment (idanimator.face) on real photos
+with the real (offline) retinaface detector."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from idanimator.face import (
     crop_face,
     detect_faces,
     get_detector,
-    load_image,
 )
+from idanimator.images import describe_source, load_image
 
 # The astronaut's face box as retinaface finds it in the 512 x 512 photo (x1, y1, x2, y2).
 ASTRONAUT_BOX = (177, 56, 272, 176)
@@ -276,6 +277,40 @@ def test_other_unusable_inputs_are_rejected(source):
 def test_missing_file_is_rejected(tmp_path):
     with pytest.raises(InvalidImageError, match="missing.jpg does not exist"):
         load_image(tmp_path / "missing.jpg")
+
+
+def test_errors_name_a_photo_in_a_deep_folder_by_its_file_name_only(detector, tmp_path):
+    folder = tmp_path / "server" / "uploads" / "a1b2c3"
+    folder.mkdir(parents=True)
+    notes, gradient = folder / "notes.png", folder / "gradient.png"
+    notes.write_text("this is not a picture\n")
+    Image.fromarray(np.tile(np.linspace(0, 255, 640, dtype=np.uint8), (480, 1))).save(gradient)
+    cases = [
+        (lambda: load_image(notes), InvalidImageError, "notes.png"),
+        (lambda: load_image(str(folder / "missing.jpg")), InvalidImageError, "missing.jpg"),
+        (lambda: crop_face(gradient, detector), NoFaceError, "gradient.png"),
+    ]
+    for call, error, file_name in cases:
+        with pytest.raises(error) as info:
+            call()
+        message = str(info.value)
+        assert file_name in message and "a1b2c3" not in message and str(tmp_path) not in message, message
+
+
+def test_file_objects_and_uploads_are_named_by_their_base_name(tmp_path):
+    path = tmp_path / "deep" / "photo.png"
+    path.parent.mkdir()
+    path.write_bytes(b"not a picture")
+    with open(path, "rb") as handle:
+        assert describe_source(handle) == "photo.png"
+
+    class Upload:
+        filename = str(path)
+
+    assert describe_source(Upload()) == "photo.png"
+    assert describe_source(str(path)) == "photo.png" and describe_source(path) == "photo.png"
+    assert describe_source(b"raw bytes") == "the uploaded image"
+    assert describe_source(io.BytesIO(b"")) == "the photo"
 
 
 def test_decompression_bomb_is_rejected(tmp_path):

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 from gradio_client import Client, handle_file
 
-from idanimator.video import read_video
-from tests.conftest import generate_over_http, running_app
+from tests.helpers import read_video
+from tests.helpers import generate_over_http, running_app
 
 CLIENTS = 20
 MAX_OUTPUTS = 12

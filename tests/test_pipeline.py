@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from idanimator.errors import InvalidRequestError
-from idanimator.pipeline import GenerationCancelled
+from idanimator.errors import GenerationCancelled, InvalidRequestError
 from idanimator.testing import TINY_SETTINGS
-from idanimator.video import read_video
+from tests.helpers import read_video
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +114,17 @@ def test_photos_are_detected_and_aligned_inside_the_call(tiny_pipe, astronaut_pa
 
 def test_face_features_are_cached_by_image(tiny_pipe, crops):
     generate(tiny_pipe, crops[:1])
-    before = tiny_pipe.face_encoder_calls
+    before = tiny_pipe.face_cache.misses
     generate(tiny_pipe, crops[:1], seed=99)
-    assert tiny_pipe.face_encoder_calls == before
+    assert tiny_pipe.face_cache.misses == before
+    from dataclasses import replace
+
+    from PIL import Image
+
+    unseen = replace(crops[0], image=crops[0].image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    generate(tiny_pipe, [unseen])
+    generate(tiny_pipe, [unseen], seed=98)
+    assert tiny_pipe.face_cache.misses == before + 1  # a new face runs the encoder once
 
 
 def test_callback_sees_every_step_and_the_latents(tiny_pipe, crops):
@@ -148,8 +155,13 @@ def test_stop_request_stops_and_the_pipeline_still_works(tiny_pipe, crops):
     assert generate(tiny_pipe, crops[:1]).frames.shape[0] == 8
 
 
-def test_without_guidance_the_conditional_branch_alone_runs(tiny_pipe, crops):
-    assert generate(tiny_pipe, crops[:1], guidance_scale=1.0).frames.shape == (8, 64, 64, 3)
+def test_without_guidance_the_conditional_face_branch_alone_runs(tiny_pipe, crops):
+    # The unconditional face is CLIP of a zeros image, the same for every photo: were it used as the
+    # condition, two different faces would give the same video.
+    a = generate(tiny_pipe, crops[:1], guidance_scale=1.0, id_scale=1.0)
+    b = generate(tiny_pipe, crops[1:2], guidance_scale=1.0, id_scale=1.0)
+    assert a.frames.shape == (8, 64, 64, 3)
+    assert np.abs(a.frames - b.frames).max() > 1e-3
 
 
 def test_long_prompt_is_cut_with_a_warning(tiny_pipe, crops):
@@ -210,17 +222,17 @@ def test_converted_checkpoint_generates_the_identical_video(tiny_kit, tiny_pipe,
 
 
 def test_decoding_in_chunks_gives_the_same_frames(tiny_pipe, crops):
-    from idanimator.pipeline import GenerationSettings
+    from idanimator.settings import GenerationSettings
 
     settings = GenerationSettings(prompt="a man", seed=5, **TINY_SETTINGS).validate()
-    whole = tiny_pipe.generate(crops[:1], settings).frames
+    whole = tiny_pipe(crops[:1], **settings.as_dict()).frames
     latents = tiny_pipe.denoise(crops[:1], settings).latents
     parts = np.concatenate([tiny_pipe.decode(latents, i, i + 3) for i in range(0, 8, 3)])
     np.testing.assert_allclose(parts, whole, atol=1e-5)
 
 
 def test_whole_numbers_sent_as_floats_become_integers():
-    from idanimator.pipeline import GenerationSettings
+    from idanimator.settings import GenerationSettings
 
     settings = GenerationSettings(prompt="a man", num_frames=10.0, steps=3.0, height=64.0, width=64, seed=7.0)
     checked = settings.validate()

@@ -9,10 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from idanimator.errors import InvalidRequestError, NoFaceError
-from idanimator.pipeline import GenerationCancelled
+from idanimator.errors import GenerationCancelled, InvalidRequestError, NoFaceError
 from idanimator.studio import Finished, Job, OutputFolder, Progress, Request, Segment, Studio, StudioOptions, face_strip
-from idanimator.video import read_video
+from tests.helpers import read_video
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +27,11 @@ def request(face, **overrides):
         prompt="a man smiling",
         backbone="tiny",
         seed=11,
-        randomize_seed=False,
         num_frames=8,
         steps=3,
         fps=8,
-        resolution="64x64 (tiny)",
+        height=64,
+        width=64,
     )
     return Request(**{**values, **overrides})
 
@@ -41,10 +40,6 @@ def finish(studio, req, **kwargs):
     events = list(studio.run(req, **kwargs))
     assert isinstance(events[-1], Finished)
     return events
-
-
-def test_tiny_mode_says_why_and_how_to_get_real_weights(studio):
-    assert studio.tiny and "random" in studio.banner() and "python -m idanimator download" in studio.banner()
 
 
 def test_without_real_weights_the_studio_falls_back_to_tiny(tiny_kit, detector):
@@ -58,19 +53,17 @@ def test_with_the_hub_reachable_the_studio_stays_real_and_downloads_in_the_backg
     monkeypatch.setattr(idanimator.weights, "hub_reachable", lambda: True)  # nothing is fetched here
     engine = Studio(StudioOptions(device="cpu", output_dir=tmp_path))
     assert not engine.tiny and engine.needs_download
-    assert "Downloading" in engine.banner() and "CPU" in engine.banner()
-    assert ("Realistic Vision V6.0 B1 (release default)", "realistic-vision-v6") in engine.backbone_choices()
-    assert engine.defaults()["num_frames"] == 16 and engine.defaults()["resolution"] == "512x512"
+    assert engine.backbones()[0] == "realistic-vision-v6" and "epicrealism" in engine.backbones()
 
 
 def test_warm_up_loads_once_and_the_first_request_reuses_it(tiny_kit, detector, astronaut_path, tmp_path):
     engine = Studio(StudioOptions(tiny=True, device="cpu", output_dir=tmp_path), detector=detector)
     engine.warm_up()
     assert engine.ready.is_set() and engine.warm_error is None
-    loads = dict(engine.service.store.loads)
+    loads = dict(engine.service.loads)
     assert loads["backbone"] == 1
     finish(engine, request(astronaut_path))
-    assert dict(engine.service.store.loads) == loads
+    assert dict(engine.service.loads) == loads
 
 
 def test_a_run_streams_progress_previews_segments_then_the_video(studio, astronaut_path):
@@ -88,9 +81,9 @@ def test_a_run_streams_progress_previews_segments_then_the_video(studio, astrona
 
 def test_second_request_does_not_reload_models(studio, astronaut_path):
     finish(studio, request(astronaut_path))
-    loads = dict(studio.service.store.loads)
+    loads = dict(studio.service.loads)
     finish(studio, request(astronaut_path, seed=12))
-    assert dict(studio.service.store.loads) == loads
+    assert dict(studio.service.loads) == loads
 
 
 def test_same_seed_same_video(studio, astronaut_path):
@@ -101,27 +94,30 @@ def test_same_seed_same_video(studio, astronaut_path):
 
 def test_backbone_switch_keeps_the_shared_parts(studio, astronaut_path):
     finish(studio, request(astronaut_path, backbone="tiny"))
-    before = dict(studio.service.store.loads)
+    before = dict(studio.service.loads)
     finish(studio, request(astronaut_path, backbone="tiny-single-file"))
-    after = dict(studio.service.store.loads)
+    after = dict(studio.service.loads)
     assert after["backbone"] == before["backbone"] + 1
     for part in ("motion_adapter", "image_encoder", "face_adapter"):
         assert after[part] == before[part] == 1
-    assert studio.service.current_backbone.endswith("tiny-backbone.safetensors")
+    assert studio.service.current_backbone == "tiny-single-file"
 
 
-def test_face_embeddings_are_cached_across_requests_and_backbones(studio, astronaut_path):
+def test_face_embeddings_are_cached_across_requests_and_backbones(studio, astronaut_path, second_face):
     finish(studio, request(astronaut_path, backbone="tiny"))
-    cached = len(studio.service.store.face_cache)
+    encoded = studio.service.face_cache.misses  # how often the image encoder ran
     finish(studio, request(astronaut_path, backbone="tiny-single-file", seed=3))
-    assert len(studio.service.store.face_cache) == cached
+    finish(studio, request(astronaut_path, backbone="tiny", seed=4))
+    assert studio.service.face_cache.misses == encoded
+    finish(studio, request(second_face, backbone="tiny"))
+    assert studio.service.face_cache.misses == encoded + 1
 
 
 def test_unknown_or_custom_backbones_are_refused_on_a_public_server(studio, astronaut_path):
     with pytest.raises(InvalidRequestError, match="pick one from the list"):
         list(studio.run(request(astronaut_path, backbone="/etc/passwd")))
     with pytest.raises(InvalidRequestError, match="switched off"):
-        studio.backbone_source("tiny", "/some/local/model.safetensors")
+        studio.prepare(request(astronaut_path, custom_backbone="/some/local/model.safetensors"))
 
 
 def test_no_face_is_an_error_and_the_next_request_works(studio, no_face_path, astronaut_path):
@@ -142,7 +138,7 @@ def test_stop_ends_the_run_at_the_next_step_and_the_next_request_works(studio, a
 
 
 def test_out_of_range_values_from_the_api_are_refused(studio, astronaut_path):
-    for overrides in ({"num_frames": 999}, {"resolution": "4096x4096"}, {"fps": 0}, {"guidance_scale": float("nan")}):
+    for overrides in ({"num_frames": 999}, {"height": 4096}, {"fps": 0}, {"guidance_scale": float("nan")}):
         with pytest.raises(InvalidRequestError):
             list(studio.run(request(astronaut_path, **overrides)))
 
@@ -169,7 +165,7 @@ def test_cuda_out_of_memory_is_caught_memory_freed_and_the_next_request_runs(stu
     from idanimator.errors import GPUOutOfMemoryError
 
     finish(studio, request(astronaut_path))
-    pipe = studio.service.pipeline(str(studio.backbone_source("tiny")))
+    pipe = studio.service.pipeline("tiny")
 
     def out_of_memory(*args, **kwargs):  # the fault, injected where CUDA would raise it
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -207,7 +203,7 @@ def test_a_prepared_job_crosses_a_process_boundary_and_sizes_its_gpu_time(studio
     events = pickle.loads(pickle.dumps(list(studio.execute(job))))  # what a ZeroGPU worker sends back
     assert read_video(events[-1].video).shape == (8, 64, 64, 3)
     assert 30 <= job.gpu_seconds() < 60
-    big = Job(settings=job.settings, crops=[], source="", backbone="", fps=8)
+    big = Job(settings=job.settings, crops=[], backbone="", fps=8)
     big.settings = type(job.settings)(prompt="x", num_frames=32, steps=100, height=768, width=512)
     assert big.gpu_seconds() == 300
 
@@ -216,9 +212,9 @@ def test_without_loading_in_prepare_the_pipeline_is_built_by_execute(tiny_kit, d
     options = StudioOptions(tiny=True, device="cpu", output_dir=tmp_path, load_in_prepare=False)  # as on ZeroGPU
     engine = Studio(options, detector=detector)
     job = engine.prepare(request(astronaut_path, backbone="tiny-single-file"))
-    assert engine.service.current_backbone is None and engine.service.store.loads["backbone"] == 0
+    assert engine.service.current_backbone is None and engine.service.loads["backbone"] == 0
     assert read_video(list(engine.execute(job))[-1].video).shape[0] == 8
-    assert engine.service.store.loads["backbone"] == 1
+    assert engine.service.loads["backbone"] == 1
 
 
 def test_unwritable_output_folder_is_a_sentence(tmp_path, tiny_kit, detector):

@@ -10,16 +10,8 @@ import pytest
 from PIL import Image
 
 from idanimator.errors import IDAnimatorError, InvalidRequestError
-from idanimator.video import (
-    parse_stream_header,
-    probe_video,
-    read_video,
-    save_video,
-    to_uint8_frames,
-    write_gif,
-    write_mp4,
-    write_png_frames,
-)
+from idanimator.video import save_video, to_uint8_frames, write_gif, write_mp4, write_png_frames
+from tests.helpers import probe_video, read_video
 
 
 def gradient(frames: int = 8, height: int = 64, width: int = 64) -> np.ndarray:
@@ -87,6 +79,7 @@ def test_mp4_is_browser_playable_and_close_to_the_input(tmp_path, fps):
     info = probe_video(path)
     assert info["codec"] == "h264"
     assert info["pix_fmt"] == "yuv420p"
+    assert {"tv", "bt709"} <= set(info["color"])  # limited range, BT.709 matrix, and tagged so
     assert (info["width"], info["height"]) == (64, 64)
     assert info["fps"] == pytest.approx(fps)
     assert info["frame_count"] == 8
@@ -106,6 +99,7 @@ def test_mp4_moov_atom_comes_before_mdat(tmp_path):
 def test_odd_size_is_padded_by_edge_replication(tmp_path):
     frames = gradient(8, 63, 65)
     info = probe_video(write_mp4(frames, tmp_path / "odd.mp4"))
+    # Padded to 66x64 by us, not rescaled to multiples of 16 (80x64) by imageio-ffmpeg.
     assert (info["width"], info["height"]) == (66, 64) and info["frame_count"] == 8
 
     decoded = read_video(tmp_path / "odd.mp4").astype(np.float32)
@@ -131,11 +125,26 @@ def test_mp4_overwrites_an_existing_file(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("bad", [{"fps": 0}, {"fps": float("nan")}, {"crf": 52}, {"crf": 1.5}])
+@pytest.mark.parametrize(
+    "bad", [{"fps": 0}, {"fps": float("nan")}, {"crf": 52}, {"crf": 1.5}, {"crf": "x"}, {"fps": "fast"}]
+)
 def test_bad_settings_are_refused(tmp_path, bad):
     with pytest.raises(InvalidRequestError):
         write_mp4(noise(2), tmp_path / "video.mp4", **bad)
     assert not (tmp_path / "video.mp4").exists()
+
+
+@pytest.mark.parametrize("name", ["video.mp4", "video.gif", "frames"])
+@pytest.mark.parametrize("fps", [0, 61, 240, 7.5, float("nan"), True])
+def test_fps_outside_the_apps_range_is_refused(tmp_path, name, fps):
+    with pytest.raises(InvalidRequestError, match=r"Frames per second .*1 and 60"):
+        save_video(noise(2), tmp_path / name, fps=fps)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fps_limits_themselves_are_accepted(tmp_path):
+    assert probe_video(write_mp4(noise(2), tmp_path / "fast.mp4", fps=60))["fps"] == pytest.approx(60)
+    assert probe_video(write_mp4(noise(2), tmp_path / "slow.mp4", fps=1))["fps"] == pytest.approx(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,13 +164,33 @@ def test_ffmpeg_dying_mid_write_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_missing_encoder_is_a_plain_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg-here"))
+    with pytest.raises(IDAnimatorError, match="could not be started"):
+        write_mp4(noise(2), tmp_path / "video.mp4")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_encoder_failing_for_another_reason_names_the_file(tmp_path, monkeypatch):
+    """An "ffmpeg" that exits at once with an error: not the disk's fault, so the message names the video."""
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\necho 'fake ffmpeg: unsupported option' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake))
+    out = tmp_path / "out"
+    with pytest.raises(IDAnimatorError, match="failed while writing") as caught:
+        write_mp4(noise(), out / "video.mp4")
+    assert str(out / "video.mp4") in str(caught.value)
+    assert list(out.iterdir()) == []
+
+
 def test_a_failed_write_keeps_the_previous_video(tmp_path):
     path = write_mp4(noise(3), tmp_path / "video.mp4")
     before = path.read_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
     try:
-        with pytest.raises(IDAnimatorError):
+        with pytest.raises(IDAnimatorError, match="full"):
             write_mp4(noise(8), path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -224,6 +253,7 @@ def test_png_frames_are_numbered_and_lossless(tmp_path):
 def test_save_video_dispatches_by_suffix(tmp_path):
     assert probe_video(save_video(noise(2), tmp_path / "a.MP4"))["codec"] == "h264"
     assert probe_video(save_video(noise(2), tmp_path / "a.gif"))["codec"] == "gif"
+    assert save_video(noise(2), tmp_path / "b.mp4", fps="12") == tmp_path / "b.mp4"  # typed into a text field
     folder = save_video(noise(2), tmp_path / "frames")
     assert folder == tmp_path / "frames" and len(list(folder.glob("frame_*.png"))) == 2
     existing = tmp_path / "run.v2"
@@ -243,13 +273,3 @@ def test_read_and_probe_missing_or_broken_files(tmp_path):
         read_video(broken)
     with pytest.raises(IDAnimatorError, match="could not be read"):
         probe_video(broken)
-
-
-def test_parse_stream_header_handles_commas_inside_parentheses():
-    text = (
-        "  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), "
-        "yuv420p(tv, bt709, progressive), 512x512 [SAR 1:1 DAR 1:1], 11 kb/s, 23.98 fps, 23.98 tbr, 24k tbn"
-    )
-    info = parse_stream_header(text)
-    assert info == {"codec": "h264", "profile": "High", "pix_fmt": "yuv420p", "width": 512, "height": 512, "fps": 23.98}
-    assert parse_stream_header("Stream #0:0: Audio: aac") is None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import FaceAdapterWeights, resampler_from_diffusers, save_official_checkpoint
+from ..adapter import FaceAdapterWeights, resampler_from_diffusers, save_official_checkpoint
 
 KIT_VERSION = 1
 TINY_CROSS_ATTENTION_DIM = 32
@@ -205,7 +205,7 @@ def tiny_cross_attention_hidden_sizes(base_folder: str | Path) -> list[int]:
     """Hidden size of each spatial cross-attention of a saved UNet, in checkpoint order."""
     from diffusers import UNet2DConditionModel
 
-    from .adapter import spatial_cross_attention_names
+    from ..adapter import spatial_cross_attention_names
 
     unet = UNet2DConditionModel.from_pretrained(base_folder, subfolder="unet")
     return [
@@ -219,7 +219,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
     Built in a temporary sibling folder and renamed into place, so an interrupted build never
     leaves a half-made kit behind; a complete kit is reused.
     """
-    from .models import release_scheduler
+    from ..models import release_scheduler
     from .single_file import export_single_file
 
     root = Path(root)
@@ -248,5 +248,26 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
     return paths
 
 
-# Generation settings that suit the tiny kit: a whole video in well under a second on a CPU.
+# Generation settings that suit the tiny kit in tests: a whole video in well under a second on a CPU.
 TINY_SETTINGS = dict(num_frames=8, steps=2, height=64, width=64)
+
+# The backbones tiny mode offers by name: the kit's SD1.5 folder, and the same weights as one single file.
+TINY_BACKBONES = {"tiny": "base", "tiny-single-file": "single_file"}
+
+
+def tiny_load_options(root: str | Path | None = None, **overrides):
+    """LoadOptions that take every part not given in ``overrides`` from the tiny kit (built on first use)."""
+    from ..models import LoadOptions
+
+    kit = build_tiny_kit(root or default_tiny_dir())
+    parts = {
+        part: overrides.pop(part, None) or kit[part] for part in ("face_adapter", "motion_adapter", "image_encoder")
+    }
+    return LoadOptions.for_device(
+        **parts,
+        base=overrides.pop("base", None) or kit["base"],
+        backbones=tuple((name, kit[part]) for name, part in TINY_BACKBONES.items()),
+        default_backbone=next(iter(TINY_BACKBONES)),
+        tiny=True,
+        **overrides,
+    )

@@ -15,14 +15,13 @@ dropped, so a round trip through ``from_single_file`` is exact.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..files import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -302,12 +301,6 @@ def export_single_file(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name beside the target (same file system, so the rename is atomic).
-    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_path) as temp:
+        save_file(state, str(temp), metadata={"format": "pt"})
     return out_path

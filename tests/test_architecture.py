@@ -1,0 +1,127 @@
+"""The layout stays readable: one direction of dependency, no import cycle, no module over 400 lines.
+
+Imports are read from the source (module level and inside functions alike), so a lazy import that closes a
+cycle is caught too. A new module must be given its layer here, which is where a reader learns what it may use.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "idanimator"
+MAX_LINES = 400
+
+# Lower layers never import higher ones (same layer: neither imports the other).
+LAYERS = {
+    "errors": 0,
+    "registry": 0,
+    "prompts": 0,
+    "settings": 1,
+    "files": 1,
+    "weights": 2,
+    "images": 2,
+    "preview": 2,
+    "outputs": 2,
+    "adapter": 3,
+    "face": 3,
+    "video": 3,
+    "models": 4,
+    "testing": 5.5,  # the package re-exports its kit
+    "testing.kit": 5,
+    "testing.single_file": 4,
+    "pipeline": 6,
+    "service": 7,
+    "studio": 8,
+    "cli": 9,
+    "__main__": 10,
+    "__init__": 10,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The idanimator modules a file imports, anywhere in it (relative and absolute imports)."""
+    name = module_name(path)
+    package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+    if name == "__init__":
+        package = []
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else list(package)
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            elif node.module and node.module.startswith("idanimator"):
+                target = node.module.removeprefix("idanimator").lstrip(".")
+            else:
+                continue
+            for alias in node.names:  # `from . import registry` imports a module
+                candidate = f"{target}.{alias.name}" if target else alias.name
+                found.add(candidate if candidate in LAYERS else target)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("idanimator."):
+                    found.add(alias.name.removeprefix("idanimator."))
+    return {m for m in found if m and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(graph()) - set(LAYERS)) == []
+
+
+def test_nothing_imports_upward_or_sideways():
+    wrong = [
+        f"{source} (layer {LAYERS[source]}) imports {target} (layer {LAYERS.get(target)})"
+        for source, targets in graph().items()
+        for target in targets
+        if target not in LAYERS or LAYERS[target] >= LAYERS[source]
+    ]
+    assert wrong == []
+
+
+def test_there_is_no_import_cycle():
+    edges = graph()
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for target in edges.get(node, ()):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join([*trail, node, target])
+            if target not in state:
+                visit(target, [*trail, node])
+        state[node] = "done"
+
+    for node in edges:
+        if node not in state:
+            visit(node, [])
+
+
+def test_the_checker_sees_lazy_imports():
+    """The parser itself: an import inside a function counts."""
+    source = PACKAGE / "pipeline.py"
+    assert {"models", "face", "testing"} <= imports_of(source)  # all three are imported inside methods
+
+
+def test_no_module_is_over_400_lines():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_the_library_never_imports_gradio():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.split(".")[0] in {"gradio", "spaces"} for n in names), path.name
