@@ -27,18 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .video import save_video
 
     # Cheap checks first: a bad setting or a photo without a face is reported before any model loads.
-    settings = GenerationSettings(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_frames=args.frames,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        id_scale=args.id_scale,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        add_prompt_suffix=not args.no_prompt_suffix,
-    ).validate()
+    settings = GenerationSettings.taken_from(args).validate()
     fps = limits.FPS.check(args.fps)
     detector = get_detector(args.detector)
     crops = [crop_face(face, detector) for face in args.face]
@@ -143,18 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image-encoder", default=None, help="CLIP vision folder or Hub id")
     gen.add_argument("--base", default=None, help="SD1.5 diffusers folder (configs for single-file backbones)")
     gen.add_argument("--seed", type=int, default=None, help="default: a random seed, printed")
-    for flag, limit, kind in (
-        ("--frames", limits.FRAMES, int),
-        ("--steps", limits.STEPS, int),
-        ("--guidance", limits.GUIDANCE, float),
-        ("--id-scale", limits.ID_SCALE, float),
-        ("--height", limits.HEIGHT, int),
-        ("--width", limits.WIDTH, int),
-        ("--fps", limits.FPS, int),
+    for flag, dest, limit in (  # dest: the GenerationSettings field each flag sets
+        ("--frames", "num_frames", limits.FRAMES),
+        ("--steps", "steps", limits.STEPS),
+        ("--guidance", "guidance_scale", limits.GUIDANCE),
+        ("--id-scale", "id_scale", limits.ID_SCALE),
+        ("--height", "height", limits.HEIGHT),
+        ("--width", "width", limits.WIDTH),
+        ("--fps", "fps", limits.FPS),
     ):
-        gen.add_argument(flag, type=kind, default=limit.default, help=f"{limit.low:g}-{limit.high:g}")
+        kind = int if limit.whole else float
+        gen.add_argument(flag, dest=dest, type=kind, default=limit.default, help=f"{limit.low:g}-{limit.high:g}")
     gen.add_argument(
-        "--no-prompt-suffix", action="store_true", help="do not append the release's quality words to the prompts"
+        "--no-prompt-suffix",
+        dest="add_prompt_suffix",
+        action="store_false",
+        help="do not append the release's quality words to the prompts",
     )
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -102,6 +102,12 @@ class GenerationSettings:
     height: int = HEIGHT.default
     width: int = WIDTH.default
     add_prompt_suffix: bool = True
+
+    @classmethod
+    def taken_from(cls, source) -> GenerationSettings:
+        """The settings named like this class's fields, read from any object (a request, parsed arguments);
+        fields it lacks keep their defaults. Not validated yet."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
     def validate(self) -> GenerationSettings:
         """Return a checked copy; a bad value raises InvalidRequestError naming it and its range."""

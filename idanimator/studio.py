@@ -203,18 +203,7 @@ class Studio:
         Raises IDAnimatorError subclasses with user-facing sentences.
         """
         fps = limits.FPS.check(request.fps)
-        settings = GenerationSettings(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_frames=request.num_frames,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            id_scale=request.id_scale,
-            seed=request.seed,
-            height=request.height,
-            width=request.width,
-            add_prompt_suffix=bool(request.add_prompt_suffix),
-        ).validate()
+        settings = GenerationSettings.taken_from(request).validate()
         backbone = self.service.check_backbone(
             request.backbone or self.service.options.default_backbone,
             request.custom_backbone,

@@ -35,7 +35,7 @@ LAYERS = {
     "studio": 8,
     "cli": 9,
     "__main__": 10,
-    "__init__": 10,
+    "__init__": 10,  # the package: lazy re-exports of the public API
 }
 
 

@@ -75,7 +75,17 @@ def test_no_face_is_one_line_and_exit_1(capsys, tmp_path, no_face_path, tiny_kit
     assert err.startswith("error: No face was found") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag, value", [("--frames", "64"), ("--steps", "0"), ("--guidance", "nan")])
-def test_out_of_range_numbers_are_one_line(capsys, tmp_path, astronaut_path, tiny_kit, flag, value):
-    code, _, err = tiny_generate(capsys, tmp_path, astronaut_path, flag, value)
-    assert code == 1 and err.startswith("error: ")
+@pytest.mark.parametrize(
+    "flag, value, named",
+    [
+        ("--frames", "64", "Frames must be between 1 and 32"),
+        ("--steps", "0", "Steps must be between 1 and 100"),
+        ("--guidance", "nan", "Guidance scale must be between"),
+        ("--id-scale", "3", "ID scale must be between 0 and 2"),
+        ("--fps", "0", "Frames per second must be between 1 and 60"),
+    ],
+)
+def test_out_of_range_numbers_are_one_line_naming_the_setting(capsys, tmp_path, astronaut_path, flag, value, named):
+    code, out, err = tiny_generate(capsys, tmp_path, astronaut_path, flag, value)
+    assert code == 1 and err.startswith(f"error: {named}") and err.count("\n") == 1
+    assert not (tmp_path / "out.gif").exists()
