@@ -11,10 +11,40 @@ Nothing is loaded when this module is imported.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - when run as a script, the arguments are parsed before the slow imports below
 import argparse
+import os
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line (argparse only, so `python app.py --help` answers before gradio and torch load)."""
+    parser = argparse.ArgumentParser(description="idanimator web app")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--offload",
+        choices=["auto", "none", "model", "sequential"],
+        default="auto",
+        help="CPU offload: auto picks from free GPU memory (none from 14 GB, model from 7 GB, else sequential)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="random tiny weights (no download)")
+    parser.add_argument(
+        "--allow-custom-backbones",
+        action="store_true",
+        help="let users load local files/folders and any Hub id (operators only)",
+    )
+    parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
+    parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
+    return parser
+
+
+if __name__ == "__main__":
+    ARGS = argument_parser().parse_args()  # --help and bad arguments answer here, in a fraction of a second
+
 import html
 import logging
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -38,6 +68,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale", "height", "width"]
 HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "height", "width"]
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
+# Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
+# after its first message, so repeated errors never pile up for longer than this.
+MESSAGE_SECONDS = 6
 RESOLUTIONS = {"512x512": (512, 512), "512x768 (portrait)": (768, 512), "768x512 (landscape)": (512, 768)}
 TINY_RESOLUTIONS = {"64x64 (tiny)": (64, 64), "64x96 (tiny)": (96, 64)}
 TINY_BACKBONE_LABELS = {"tiny": "Tiny random model (folder)", "tiny-single-file": "Tiny random model (single file)"}
@@ -59,8 +92,13 @@ def _paths(files) -> list[str]:
 
 
 def _error(message: str) -> gr.Error:
-    """A gr.Error for a user mistake: one sentence, shown as text (gradio renders HTML), no traceback."""
-    return gr.Error(html.escape(message), print_exception=False)
+    """A gr.Error for a user mistake: one sentence, shown as text (gradio renders HTML) for a few seconds,
+    no traceback."""
+    return gr.Error(html.escape(message), duration=MESSAGE_SECONDS, print_exception=False)
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".")
 
 
 def _session(request: gr.Request | None) -> str:
@@ -76,7 +114,7 @@ def banner_text(engine: Studio) -> str:
     if engine.tiny:
         lines.append(
             "**Tiny mode: the weights are random, so videos are coloured noise.** "
-            f"Reason: {engine.tiny_reason.split('. ')[0].rstrip('.')}. To use the real ID-Animator weights, run "
+            f"Reason: {_first_sentence(engine.tiny_reason)}. To use the real ID-Animator weights, run "
             "`python -m idanimator download` on a machine with internet access, then restart the app. "
             "Sizes start at 64x64 pixels, 8 frames and 4 steps so a CPU makes a video in seconds."
         )
@@ -93,6 +131,18 @@ def banner_text(engine: Studio) -> str:
             "Use fewer frames, fewer steps and 512x512 to try it out."
         )
     return "\n\n".join(lines)
+
+
+def startup_lines(engine: Studio) -> list[str]:
+    """What `python app.py` prints before the page starts: the mode in one short line, and where outputs go."""
+    lines = []
+    if engine.tiny:
+        lines.append(
+            f"Tiny mode, random weights (videos are coloured noise): {_first_sentence(engine.tiny_reason)}. "
+            "For the real ID-Animator weights, run `python -m idanimator download` and restart."
+        )
+    lines.append(f"Device: {engine.device}, offload: {engine.offload}, outputs in {engine.outputs.root}")
+    return lines
 
 
 def backbone_choices(engine: Studio) -> list[tuple[str, str]]:
@@ -119,9 +169,37 @@ def starting_values(engine: Studio) -> dict:
     )
 
 
+def _refuse_quietly(preprocess, payload):
+    """Gradio refuses a value outside a widget's range (only an API call can send one) with a gr.Error that
+    prints a full server traceback; pass the same sentence on to the caller and log one line instead."""
+    try:
+        return preprocess(payload)
+    except gr.Error as exc:
+        log.info("refused a request: %s", exc.message)
+        raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
+
+
+class Slider(gr.Slider):
+    """gr.Slider (the same widget on the page: a template of it), refusing out-of-range values quietly."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _refuse_quietly(super().preprocess, payload)
+
+
+class Number(gr.Number):
+    """gr.Number (the same widget on the page: a template of it), refusing out-of-range values quietly."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _refuse_quietly(super().preprocess, payload)
+
+
 def slider(limit: limits.Limit, value, label: str | None = None, **kwargs) -> gr.Slider:
     """A slider whose range and step are the setting's own (the library validates with the same Limit)."""
-    return gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
+    return Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
 
 
 # -- handlers (plain functions) ------------------------------------------------------------------
@@ -230,7 +308,7 @@ def generate(
                 yield str(event.path), skip, skip, skip, skip, history
             elif isinstance(event, Finished):
                 for warning in event.warnings:
-                    gr.Warning(html.escape(warning))
+                    gr.Warning(html.escape(warning), duration=MESSAGE_SECONDS)
                 finished = True
                 history = [*history, {"video": str(event.video), **event.settings}]
                 used = f"Seed used: **{event.seed}** ({event.seconds:.1f} s)"
@@ -243,7 +321,7 @@ def generate(
                 events.close()
                 break
         if stop.is_set() and not finished:
-            gr.Info("Stopped.")
+            gr.Info("Stopped.", duration=MESSAGE_SECONDS)
             yield skip, skip, skip, "Stopped.", skip, history
     finally:  # also when the browser goes away mid-run: closing the GPU part stops it at its next step
         if events is not None:
@@ -262,7 +340,7 @@ def stop_generation(request: gr.Request):
 def history_gallery(history):
     """Earlier videos of this session that are still on disk (old ones are pruned)."""
     return [
-        (item["video"], f"seed {item['seed']} · {item['prompt'][:50]}")
+        (item["video"], f"seed {item['seed']}")  # short enough for a thumbnail; the table has the rest
         for item in reversed(history or [])
         if os.path.exists(item["video"])
     ]
@@ -286,6 +364,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
     with gr.Blocks(title="idanimator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
         banner = gr.Markdown(banner_markdown, visible=bool(banner_markdown), elem_id="banner")
+        history = gr.State([])
         with gr.Row():
             with gr.Column():
                 files = gr.File(
@@ -305,8 +384,6 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 prompt = gr.Textbox(
                     label="Prompt", placeholder="a man playing guitar on a beach at sunset", elem_id="prompt"
                 )
-                negative = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2)
-                add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
                 backbone = gr.Dropdown(
                     backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
                 )
@@ -316,7 +393,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     elem_id="custom-backbone",
                 )
                 with gr.Row():
-                    seed = gr.Number(
+                    seed = Number(
                         label="Seed",
                         value=42,
                         precision=0,
@@ -325,7 +402,15 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         elem_id="seed",
                     )
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
-                with gr.Accordion("Advanced", open=False):
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    negative = gr.Textbox(
+                        label="Negative prompt (the release's default)",
+                        value=DEFAULT_NEGATIVE_PROMPT,
+                        lines=3,
+                        max_lines=8,
+                        elem_id="negative-prompt",
+                    )
+                    add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
                     id_scale = slider(
                         limits.ID_SCALE,
                         defaults["id_scale"],
@@ -338,6 +423,42 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     fps = slider(limits.FPS, defaults["fps"], elem_id="fps")
                     resolution = gr.Radio(
                         list(resolutions(engine)), value=defaults["resolution"], label="Resolution (height x width)"
+                    )
+                # The request's inputs, listed once: Generate sends them all, the examples fill the photos and
+                # the prompt (shown as a thumbnail of the photo and the prompt, just above Generate).
+                inputs = [
+                    files,
+                    prompt,
+                    negative,
+                    add_suffix,
+                    backbone,
+                    custom_backbone,
+                    seed,
+                    randomize,
+                    id_scale,
+                    frames,
+                    steps,
+                    guidance,
+                    fps,
+                    resolution,
+                    history,
+                ]
+                examples = [  # public-domain / CC0 photos, see assets/README.md
+                    ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
+                    ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
+                    ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
+                ]
+                examples = [[str(ASSETS / name), [str(ASSETS / name)], text] for name, text in examples]
+                examples = [example for example in examples if os.path.exists(example[0])]
+                if examples:
+                    thumbnail = gr.Image(label="Photo", type="filepath", visible=False)  # the examples' first column
+                    gr.Examples(
+                        examples=examples,
+                        inputs=[thumbnail, *inputs[:2]],
+                        visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the file list is filled too)
+                        label="Examples: click one, then Generate",
+                        elem_id="examples",
+                        cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
                     )
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -354,82 +475,46 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 )
                 result = gr.Video(label="Result (MP4)", height=300, buttons=["download"], elem_id="result")
                 seed_used = gr.Markdown(elem_id="seed-used")
-                gallery = gr.Gallery(
-                    label="This session's videos",
-                    columns=4,
-                    height=180,
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="history",
-                )
-                table = gr.Dataframe(
-                    headers=HISTORY_HEADERS, label="Settings of this session's videos", interactive=False
-                )
-        history = gr.State([])
-
-        examples = [  # public-domain / CC0 photos, see assets/README.md
-            ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
-            ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
-            ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
-        ]
-        examples = [[[str(ASSETS / name)], text] for name, text in examples if (ASSETS / name).exists()]
-        # The request's inputs, listed once: Generate sends them all, the examples fill the first two.
-        inputs = [
-            files,
-            prompt,
-            negative,
-            add_suffix,
-            backbone,
-            custom_backbone,
-            seed,
-            randomize,
-            id_scale,
-            frames,
-            steps,
-            guidance,
-            fps,
-            resolution,
-            history,
-        ]
-        if examples:
-            gr.Examples(
-                examples=examples,
-                inputs=inputs[: len(examples[0])],
-                cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
-            )
+        # The session's history, the page's full width (the settings table needs it on a desktop).
+        gallery = gr.Gallery(
+            label="This session's videos",
+            columns=6,
+            height=200,
+            object_fit="contain",
+            fit_columns=False,
+            elem_id="history",
+        )
+        table = gr.Dataframe(
+            headers=HISTORY_HEADERS,
+            label="Settings of this session's videos",
+            interactive=False,
+            elem_id="history-table",
+        )
 
         # -- events ----------------------------------------------------------------------------
         demo.load(page_banner, None, banner, queue=False)
         files.change(show_faces, files, [crops, face_notes], api_name="faces", concurrency_limit=2)
-        event = run.click(generate, inputs, [live, preview, result, seed_used, seed, history], api_name="generate")
-        event.then(history_gallery, history, gallery, queue=False).then(history_table, history, table, queue=False)
+        # Progress shows on the preview only: an error is a toast, and leaves the last video and the seed as they were.
+        event = run.click(
+            generate,
+            inputs,
+            [live, preview, result, seed_used, seed, history],
+            api_name="generate",
+            show_progress_on=preview,
+        )
+        event.failure(lambda: gr.update(), None, preview, queue=False, show_progress="hidden", api_visibility="private")
+        event.then(history_gallery, history, gallery, queue=False, show_progress="hidden").then(
+            history_table, history, table, queue=False, show_progress="hidden"
+        )
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="idanimator web app")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--offload",
-        choices=["auto", "none", "model", "sequential"],
-        default="auto",
-        help="CPU offload: auto picks from free GPU memory (none from 14 GB, model from 7 GB, else sequential)",
-    )
-    parser.add_argument("--tiny", action="store_true", help="random tiny weights (no download)")
-    parser.add_argument(
-        "--allow-custom-backbones",
-        action="store_true",
-        help="let users load local files/folders and any Hub id (operators only)",
-    )
-    parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
-    parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def main(args: argparse.Namespace | None = None) -> None:
+    args = args or argument_parser().parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("idanimator").setLevel(logging.INFO)  # ours; other libraries' INFO lines stay out
     device, offload = args.device, args.offload
     if ZERO_GPU:  # the GPU is attached per request; models live "on cuda" from the start, whole
         device = device or "cuda"
@@ -447,9 +532,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = Studio(options)
     except IDAnimatorError as exc:
         raise SystemExit(f"error: {exc}") from None
-    if engine.tiny:
-        print(f"Starting in tiny mode (random weights): {engine.tiny_reason}")
-    print(f"Device: {engine.device}, offload: {engine.offload}, outputs in {engine.outputs.root}")
+    for line in startup_lines(engine):
+        print(line)
     demo = build_demo(engine)
     if ZERO_GPU:
         engine.warm_up()  # in the main process before serving: workers are forked from it
@@ -461,8 +545,12 @@ def main(argv: list[str] | None = None) -> None:
         share=args.share,
         max_file_size=MAX_UPLOAD,
         allowed_paths=[str(engine.outputs.root)],
+        quiet=True,  # gradio's hints (e.g. "set share=True", which --share does) are not for our users
+        prevent_thread_lock=True,
     )
+    print(f"* Running on local URL:  {demo.local_url}")  # the public URL, with --share, gradio prints itself
+    demo.block_thread()
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -75,7 +75,7 @@ class FaceAdapterWeights:
 
 
 def _read_raw(path: Path) -> dict:
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises several types for damaged files
@@ -85,14 +85,38 @@ def _read_raw(path: Path) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"Refused to load {path}: it contains code or objects other than tensors, which could be unsafe. "
-            "Only plain tensor checkpoints (or .safetensors) are accepted."
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(
-            f"The face adapter file {path} is truncated or corrupt ({exc}). Delete it and download it again."
-        ) from exc
+        if _is_pickle(path):  # a well-formed pickle the safe loader refused: it holds more than tensors
+            raise CheckpointError(
+                f"Refused to load {path}: it contains code or objects other than tensors, which could be unsafe. "
+                "Only plain tensor checkpoints (or .safetensors) are accepted."
+            ) from exc
+        raise _not_a_checkpoint(path) from exc
+    except Exception as exc:  # noqa: BLE001 - torch's loader raises KeyError, IndexError, ... on junk bytes
+        raise _not_a_checkpoint(path) from exc
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file (or the data.pkl of a zip checkpoint) is a complete pickle stream. Read with
+    pickletools, which only parses: nothing in the file is run."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:  # noqa: BLE001 - anything unparsable is simply not a pickle
+        return False
+
+
+def _not_a_checkpoint(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a PyTorch checkpoint, or it is truncated or corrupt. Download the face adapter again."
+    )
 
 
 def _split_layouts(raw: dict, path: Path) -> tuple[dict, dict]:
@@ -123,6 +147,10 @@ def _split_layouts(raw: dict, path: Path) -> tuple[dict, dict]:
     )
 
 
+# The resampler tensors every ID-Animator (IP-Adapter-Plus) checkpoint has; the rest is checked when it is built.
+_RESAMPLER_REQUIRED = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.0.to_q.weight")
+
+
 def _validate(weights: FaceAdapterWeights, path: Path) -> None:
     for key, value in {**weights.image_proj, **weights.face_adapter}.items():
         if not isinstance(value, torch.Tensor):
@@ -130,8 +158,11 @@ def _validate(weights: FaceAdapterWeights, path: Path) -> None:
     for key in weights.face_adapter:
         if not _FACE_KEY.match(key):
             raise CheckpointError(f"Unexpected tensor 'face_adapter.{key}' in {path}.")
-    if "latents" not in weights.image_proj:
-        raise CheckpointError(f"Missing tensor 'image_proj.latents' in {path}.")
+    for key in _RESAMPLER_REQUIRED:
+        if key not in weights.image_proj:
+            raise CheckpointError(f"Missing tensor 'image_proj.{key}' in {path}.")
+    if not weights.face_adapter:
+        raise CheckpointError(f"{path} has no face attention tensors ('face_adapter.*'); it is incomplete.")
     expected = {k for i in weights.cross_attention_indices for k in _layer_keys(i)}
     missing = sorted(expected - set(weights.face_adapter))
     if missing:

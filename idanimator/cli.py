@@ -12,23 +12,28 @@ from pathlib import Path
 
 from . import registry
 from . import settings as limits
+from .console import quiet_libraries, quiet_loading_bars
 from .errors import IDAnimatorError
 from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .settings import OFFLOAD_MODES
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .settings import GenerationSettings
+    from .video import check_output_path, save_video
+
+    # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
+    settings = GenerationSettings.taken_from(args).validate()
+    fps = limits.FPS.check(args.fps)
+    check_output_path(args.out)
+
     import torch
 
     from .face import crop_face, get_detector
     from .pipeline import IDAnimatorPipeline
     from .service import out_of_memory_guard
-    from .settings import GenerationSettings
-    from .video import save_video
 
-    # Cheap checks first: a bad setting or a photo without a face is reported before any model loads.
-    settings = GenerationSettings.taken_from(args).validate()
-    fps = limits.FPS.check(args.fps)
+    quiet_loading_bars()
     detector = get_detector(args.detector)
     crops = [crop_face(face, detector) for face in args.face]
 
@@ -90,6 +95,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_kit
 
+    if (args.dir / "kit.json").is_file() and not args.force:
+        print(f"A tiny kit is already in {args.dir}; nothing was rebuilt (--force rebuilds it).")
     for name, path in build_tiny_kit(args.dir, force=args.force).items():
         print(f"{name}: {path}")
     return 0
@@ -104,11 +111,28 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the empty ones (a required flag's None, an off switch's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m idanimator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="idanimator",
+        description="One face photo and a prompt: a short video of that person (ID-Animator). "
+        "Run 'idanimator COMMAND --help' (or 'python -m idanimator COMMAND --help') for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="make a video of the person in the photo(s)")
+    gen = sub.add_parser(
+        "generate",
+        help="make a video of the person in the photo(s)",
+        formatter_class=_HelpWithDefaults,
+    )
     gen.add_argument(
         "--face",
         action="append",
@@ -118,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument(
-        "--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="default: the release's negative prompt"
+        "--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="the release's by default: %(default).48s..."
     )
     gen.add_argument("--out", required=True, type=Path, help=".mp4, .gif, or a folder for PNG frames")
     gen.add_argument(
@@ -142,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("--fps", "fps", limits.FPS),
     ):
         kind = int if limit.whole else float
-        gen.add_argument(flag, dest=dest, type=kind, default=limit.default, help=f"{limit.low:g}-{limit.high:g}")
+        gen.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            default=limit.default,
+            metavar="N" if limit.whole else "X",
+            help=f"{limit.low:g}-{limit.high:g}",
+        )
     gen.add_argument(
         "--no-prompt-suffix",
         dest="add_prompt_suffix",
@@ -176,21 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Keep the terminal for our own output: the libraries' loading bars and notices go."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
-        if args.command in {"generate", "make-tiny", "convert-checkpoint"}:
-            _quiet_libraries()
+        if args.command in {"make-tiny", "convert-checkpoint"}:
+            quiet_loading_bars()
         return args.run(args)
     except IDAnimatorError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -74,8 +74,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     ensure_folder(path.parent)
     temp = _reserve_temp(path)
+    mode = temp.stat().st_mode & 0o777  # the user's umask; some writers (safetensors) recreate the file 0600
     try:
         yield temp
+        os.chmod(temp, mode)
         _fsync(temp)
         os.replace(temp, path)
     except OSError as exc:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationCancelled, InvalidRequestError
-from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, fit_to_tokens
+from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, exceeds_tokens
 from .settings import FRAMES, GUIDANCE, HEIGHT, ID_SCALE, STEPS, WIDTH, GenerationSettings, draw_seed
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, latents)
@@ -249,9 +249,6 @@ class IDAnimatorPipeline:
         negative = settings.negative_prompt or ""
         if settings.add_prompt_suffix:
             negative = (negative + NEGATIVE_PROMPT_SUFFIX).strip()
-        tokenizer = self.pipe.tokenizer
-        prompt, cut = fit_to_tokens(prompt, tokenizer)
-        if cut:
-            warnings.append("The prompt is longer than the text encoder's 77 tokens; the end was cut off.")
-        negative, _ = fit_to_tokens(negative, tokenizer)  # the release's own default is longer: no warning
+        if exceeds_tokens(prompt, self.pipe.tokenizer):  # the release's own negative prompt is longer: no warning
+            warnings.append("The prompt is longer than the text encoder's 77 tokens; the end is left out.")
         return prompt, negative

@@ -24,11 +24,14 @@ def clean_text(text: str) -> str:
     return " ".join(kept.split())
 
 
-def fit_to_tokens(text: str, tokenizer, max_tokens: int | None = None) -> tuple[str, bool]:
-    """Cut `text` to what the text encoder reads (77 tokens with start/end) and say whether it was cut."""
-    limit = (max_tokens or tokenizer.model_max_length) - 2
-    # Asking for one token more than fits tells whether it fits, without tokenizing a huge text in full.
+def exceeds_tokens(text: str, tokenizer) -> bool:
+    """Whether the text encoder will see only the start of ``text``.
+
+    The text itself is never cut here: the pipeline's tokenizer truncates at the token level
+    (``truncation=True, max_length=77``), exactly as in the release. Cutting the text by decoding tokens and
+    encoding them again would change it (with CLIP's vocabulary a word cut in two comes back as another token).
+    """
+    limit = tokenizer.model_max_length - 2  # the start and end tokens
+    # One token more than fits tells whether it fits, without tokenizing a huge text in full.
     ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit + 1).input_ids
-    if len(ids) <= limit:
-        return text, False
-    return tokenizer.decode(ids[:limit]).strip(), True
+    return len(ids) > limit

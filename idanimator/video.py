@@ -196,21 +196,39 @@ def write_png_frames(frames: Frames, folder: str | os.PathLike[str]) -> list[Pat
     return paths
 
 
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that a video can be saved at ``path``: a known kind (``.mp4``, ``.gif``, or a
+    folder name for PNG frames), in a folder that exists (none is created silently) and is writable."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir() and suffix in (".mp4", ".gif"):
+        raise InvalidRequestError(f"{path} is a folder; choose a file name ending in {suffix}.")
+    if suffix not in (".mp4", ".gif", "") and not path.is_dir():
+        raise InvalidRequestError(
+            f"Cannot save a video as {path.name}; use a name ending in .mp4 or .gif, or a folder name for PNG frames."
+        )
+    folder = path.parent
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InvalidRequestError(f"Cannot write into the folder {folder} because {blocker} is a file, not a folder.")
+    if not folder.is_dir():
+        raise InvalidRequestError(f"The folder {folder} does not exist; create it first or choose another place.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidRequestError(f"The folder {folder} cannot be written; choose another place.")
+    return path
+
+
 def save_video(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> Path:
     """Save by the name's suffix: ``.mp4``, ``.gif``, or a folder (no suffix) of PNG frames.
 
-    Returns the file written, or the folder for PNG frames.
+    Returns the file written, or the folder for PNG frames. See :func:`check_output_path` for what is refused.
     """
-    path = Path(path)
+    path = check_output_path(path)
     suffix = path.suffix.lower()
     if suffix == ".mp4":
         return write_mp4(frames, path, fps=fps)
     if suffix == ".gif":
         return write_gif(frames, path, fps=fps)
-    if not suffix or path.is_dir():
-        FPS.check(fps)  # PNGs carry no rate, but a bad one is still the caller's mistake
-        write_png_frames(frames, path)
-        return path
-    raise InvalidRequestError(
-        f"Cannot save a video as {path.name}; use a name ending in .mp4 or .gif, or a folder name for PNG frames."
-    )
+    FPS.check(fps)  # PNGs carry no rate, but a bad one is still the caller's mistake
+    write_png_frames(frames, path)
+    return path

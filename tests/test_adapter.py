@@ -69,9 +69,13 @@ def test_missing_resampler_tensor_is_named(official, tiny_kit, tmp_path):
     proj = dict(official.image_proj)
     del proj["norm_out.weight"]
     torch.save({"image_proj": proj, "face_adapter": official.face_adapter}, tmp_path / "m.ckpt")
-    weights = load_face_adapter_weights(tmp_path / "m.ckpt")
-    with pytest.raises(CheckpointError, match="norm_out.weight"):
-        install_face_adapter(fresh_motion_unet(tiny_kit), weights)
+    with pytest.raises(CheckpointError, match="Missing tensor 'image_proj.norm_out.weight'"):
+        load_face_adapter_weights(tmp_path / "m.ckpt")
+    proj = dict(official.image_proj)
+    del proj["layers.1.0.norm1.weight"]  # found when the resampler is built
+    torch.save({"image_proj": proj, "face_adapter": official.face_adapter}, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match="layers.1.ln0.weight"):
+        install_face_adapter(fresh_motion_unet(tiny_kit), load_face_adapter_weights(tmp_path / "m.ckpt"))
 
 
 def test_extra_tensor_is_named(official, tmp_path):
@@ -115,6 +119,67 @@ def test_truncated_checkpoint_is_reported(tiny_kit, tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_face_adapter_weights(tmp_path / "cut.ckpt")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"hello, this is a text file\n", "is not a PyTorch checkpoint"),
+        (bytes(range(256)) * 20, "is not a PyTorch checkpoint"),
+    ],
+)
+def test_files_that_are_not_checkpoints_are_one_sentence_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "junk.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_face_adapter_weights(path)
+    assert "junk.ckpt" in str(caught.value) and "code" not in str(caught.value)
+
+
+def test_an_adapter_without_face_attention_is_incomplete(official, tmp_path):
+    torch.save({"image_proj": official.image_proj, "face_adapter": {}}, tmp_path / "half.ckpt")
+    with pytest.raises(CheckpointError, match="no face attention tensors"):
+        load_face_adapter_weights(tmp_path / "half.ckpt")
+    torch.save(
+        {"image_proj": {"latents": official.image_proj["latents"]}, "face_adapter": official.face_adapter},
+        tmp_path / "resampler.ckpt",
+    )
+    with pytest.raises(CheckpointError, match="Missing tensor 'image_proj.proj_in.weight'"):
+        load_face_adapter_weights(tmp_path / "resampler.ckpt")
+
+
+def test_convert_and_generate_report_a_junk_adapter_in_one_line(tmp_path, astronaut_path, capsys):
+    from idanimator.cli import main
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    for argv in (
+        ["convert-checkpoint", str(junk), str(tmp_path / "out.safetensors")],
+        [
+            "generate",
+            "--tiny",
+            "--adapter",
+            str(junk),
+            "--face",
+            str(astronaut_path),
+            "--prompt",
+            "a person",
+            "--frames",
+            "2",
+            "--steps",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--out",
+            str(tmp_path / "o.gif"),
+        ],
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {junk} is not a PyTorch checkpoint") and err.count("\n") == 1
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_safetensors_round_trip(official, tmp_path):

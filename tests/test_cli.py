@@ -89,3 +89,63 @@ def test_out_of_range_numbers_are_one_line_naming_the_setting(capsys, tmp_path, 
     code, out, err = tiny_generate(capsys, tmp_path, astronaut_path, flag, value)
     assert code == 1 and err.startswith(f"error: {named}") and err.count("\n") == 1
     assert not (tmp_path / "out.gif").exists()
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("video.avi", "Cannot save a video as video.avi"),
+        ("missing/video.mp4", "does not exist; create it first"),
+    ],
+)
+def test_a_bad_output_path_is_refused_before_any_model_loads(tmp_path, astronaut_path, out, message):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from idanimator.cli import main; code = main(sys.argv[1:]); "
+        "print('torch loaded' if 'torch' in sys.modules else 'nothing loaded'); sys.exit(code)"
+    )
+    argv = ["generate", "--face", str(astronaut_path), "--prompt", "a person", "--out", str(tmp_path / out)]
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert "nothing loaded" in proc.stdout
+    assert not (tmp_path / "missing").exists()
+
+
+def test_generate_help_shows_the_release_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for shown in ("--frames N", "(default: 16)", "(default: 30)", "(default: 8.0)", "(default: 0.8)", "deformed iris"):
+        assert shown in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "`" not in capsys.readouterr().out
+
+
+def test_make_tiny_on_an_existing_kit_says_so_and_force_rebuilds(capsys, tmp_path, tiny_kit):
+    import shutil
+
+    kit = tmp_path / "kit"
+    shutil.copytree(tiny_kit["base"].parent, kit)
+    stamp = (kit / "kit.json").stat().st_mtime_ns
+    code, out, _ = run(capsys, "make-tiny", str(kit))
+    assert code == 0 and "already in" in out and "--force" in out
+    assert (kit / "kit.json").stat().st_mtime_ns == stamp
+
+
+def test_files_we_write_follow_the_users_umask(capsys, tmp_path, tiny_kit):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "adapter.safetensors"
+        assert run(capsys, "convert-checkpoint", str(tiny_kit["face_adapter"]), str(out))[0] == 0
+        assert run(capsys, "make-tiny", str(tmp_path / "kit"))[0] == 0
+    finally:
+        os.umask(old)
+    for path in (out, tmp_path / "kit", tmp_path / "kit" / "tiny-backbone.safetensors", tmp_path / "kit" / "kit.json"):
+        expected = 0o755 if path.is_dir() else 0o644
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

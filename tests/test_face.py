@@ -340,6 +340,23 @@ def test_small_face_is_rejected(detector, astronaut):
         crop_face(astronaut.resize((160, 160)), detector)
 
 
+def test_a_sixty_pixel_face_photo_is_too_small_not_faceless(detector, astronaut):
+    head = astronaut.crop((160, 40, 290, 180)).resize((60, 60), Image.Resampling.BICUBIC)
+    with pytest.raises(FaceTooSmallError, match="only [0-9]+ pixels across.*at least 64"):
+        crop_face(head, detector)
+
+
+def test_the_crop_warps_the_original_photo_not_a_shrunk_copy(detector, astronaut):
+    """The release runs norm_crop on the photo as given; detection alone may use a smaller copy."""
+    from insightface.utils.face_align import norm_crop
+
+    big = astronaut.resize((4096, 4096), Image.Resampling.BICUBIC)
+    crop = crop_face(big, detector)
+    expected = norm_crop(np.asarray(big), crop.face.landmarks, 112)
+    assert np.array_equal(np.asarray(crop.aligned), expected)
+    assert np.array_equal(np.asarray(crop.image), np.asarray(crop.aligned.resize((224, 224), Image.Resampling.BICUBIC)))
+
+
 def test_min_face_size_is_in_original_pixels(detector, astronaut_path):
     with pytest.raises(FaceTooSmallError):
         crop_face(astronaut_path, detector, min_face_size=200)

@@ -208,9 +208,10 @@ def test_unwritable_folder_is_a_plain_error(tmp_path, suffix):
     assert blocker.read_text() == "not a folder"
 
 
-def test_missing_parent_folders_are_created(tmp_path):
-    path = save_video(noise(2), tmp_path / "a" / "b" / "video.mp4")
-    assert path.is_file() and leftovers(path.parent) == []
+def test_missing_parent_folders_are_refused_not_created(tmp_path):
+    with pytest.raises(InvalidRequestError, match="does not exist; create it first"):
+        save_video(noise(2), tmp_path / "a" / "b" / "video.mp4")
+    assert not (tmp_path / "a").exists()
 
 
 def test_target_that_is_a_folder_is_a_plain_error(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ..adapter import FaceAdapterWeights, resampler_from_diffusers, save_official_checkpoint
 
-KIT_VERSION = 1
+KIT_VERSION = 2  # 2: the tokenizer merges letter pairs
 TINY_CROSS_ATTENTION_DIM = 32
 TINY_VISION_HIDDEN = 32
 TINY_RESAMPLER_HIDDEN = 64  # one 64-wide head, as the release's resampler derives heads = width / 64
@@ -53,17 +54,23 @@ def _byte_characters() -> list[str]:
 
 
 def _tiny_tokenizer(folder: Path):
-    """A byte-level CLIP tokenizer: every byte is a token (with and without `</w>`), no merges."""
+    """A byte-level CLIP tokenizer (every byte is a token, with and without `</w>`) with merges for every pair
+    of lowercase letters, so ordinary English prompts take about as many tokens as with CLIP's real vocabulary
+    and fit its 77-token window as they would there."""
     from transformers import CLIPTokenizer
 
     chars = _byte_characters()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    merges = [(a, b + end) for end in ("", "</w>") for a in letters for b in letters]
+    for first, second in merges:
+        vocab[first + second] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
@@ -228,7 +235,8 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
     if marker.is_file() and not force:
         return paths
     root.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=root.name + ".building-", dir=root.parent))
+    work = root.parent / f"{root.name}.building-{secrets.token_hex(4)}"
+    work.mkdir()  # not mkdtemp: the kit gets the user's umask, not 0700
     try:
         torch.manual_seed(seed)
         work_paths = tiny_kit_paths(work)

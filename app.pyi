@@ -1,0 +1,567 @@
+"""idanimator's Gradio page: a face photo and a prompt in, an identity-preserving video out.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--device cuda] [--offload auto]
+                  [--tiny] [--allow-custom-backbones] [--output-dir DIR] [--max-outputs N]
+
+Only widgets and events live here; the work is in `idanimator.studio`. Runs unchanged as a Hugging
+Face Space: the GPU part of a request is wrapped with `spaces.GPU` (a pass-through elsewhere), and on
+ZeroGPU the models are loaded before the page starts, in the main process, as ZeroGPU expects.
+Nothing is loaded when this module is imported.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: E402 - when run as a script, the arguments are parsed before the slow imports below
+import argparse
+import os
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line (argparse only, so `python app.py --help` answers before gradio and torch load)."""
+    parser = argparse.ArgumentParser(description="idanimator web app")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--offload",
+        choices=["auto", "none", "model", "sequential"],
+        default="auto",
+        help="CPU offload: auto picks from free GPU memory (none from 14 GB, model from 7 GB, else sequential)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="random tiny weights (no download)")
+    parser.add_argument(
+        "--allow-custom-backbones",
+        action="store_true",
+        help="let users load local files/folders and any Hub id (operators only)",
+    )
+    parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
+    parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
+    return parser
+
+
+if __name__ == "__main__":
+    ARGS = argument_parser().parse_args()  # --help and bad arguments answer here, in a fraction of a second
+
+import html
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import gradio as gr
+import spaces
+
+from idanimator import registry
+from idanimator import settings as limits
+from idanimator.errors import GenerationCancelled, IDAnimatorError
+from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
+from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
+
+log = logging.getLogger("idanimator.app")
+
+MAX_UPLOAD = "20mb"  # per file; larger uploads are refused before they reach Python
+QUEUE_MAX_SIZE = 16  # requests waiting; past that, gradio answers "Queue is full! Please try again."
+STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
+ZERO_GPU = bool(spaces.config.Config.zero_gpu)
+ASSETS = Path(__file__).resolve().parent / "assets"
+HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale", "height", "width"]
+HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "height", "width"]
+UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
+# Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
+# after its first message, so repeated errors never pile up for longer than this.
+MESSAGE_SECONDS = 6
+RESOLUTIONS = {"512x512": (512, 512), "512x768 (portrait)": (768, 512), "768x512 (landscape)": (512, 768)}
+TINY_RESOLUTIONS = {"64x64 (tiny)": (64, 64), "64x96 (tiny)": (96, 64)}
+TINY_BACKBONE_LABELS = {"tiny": "Tiny random model (folder)", "tiny-single-file": "Tiny random model (single file)"}
+
+_studio: Studio | None = None
+_stops: dict[str, threading.Event] = {}  # session -> its running generation's stop flag
+
+
+def studio() -> Studio:
+    """The process's Studio (made on first use, so importing this module loads nothing)."""
+    global _studio
+    if _studio is None:
+        _studio = Studio(StudioOptions())
+    return _studio
+
+
+def _paths(files) -> list[str]:
+    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
+
+
+def _error(message: str) -> gr.Error:
+    """A gr.Error for a user mistake: one sentence, shown as text (gradio renders HTML) for a few seconds,
+    no traceback."""
+    return gr.Error(html.escape(message), duration=MESSAGE_SECONDS, print_exception=False)
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".")
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+# -- wording and presets -------------------------------------------------------------------------
+
+
+def banner_text(engine: Studio) -> str:
+    """Markdown for the top of the page: the mode, and anything the user should know (may be empty)."""
+    lines = []
+    if engine.tiny:
+        lines.append(
+            "**Tiny mode: the weights are random, so videos are coloured noise.** "
+            f"Reason: {_first_sentence(engine.tiny_reason)}. To use the real ID-Animator weights, run "
+            "`python -m idanimator download` on a machine with internet access, then restart the app. "
+            "Sizes start at 64x64 pixels, 8 frames and 4 steps so a CPU makes a video in seconds."
+        )
+    if engine.warm_error:
+        lines.append(f"**The models could not be loaded:** {engine.warm_error}")
+    elif engine.needs_download and not engine.ready.is_set():
+        lines.append(
+            "Downloading the ID-Animator weights (several GB) in the background; the first video starts "
+            "when they are in. Reload the page to see whether they are."
+        )
+    if engine.device == "cpu" and not engine.tiny:
+        lines.append(
+            "Running on the CPU in float32: a full-size video takes a long time (many minutes). "
+            "Use fewer frames, fewer steps and 512x512 to try it out."
+        )
+    return "\n\n".join(lines)
+
+
+def startup_lines(engine: Studio) -> list[str]:
+    """What `python app.py` prints before the page starts: the mode in one short line, and where outputs go."""
+    lines = []
+    if engine.tiny:
+        lines.append(
+            f"Tiny mode, random weights (videos are coloured noise): {_first_sentence(engine.tiny_reason)}. "
+            "For the real ID-Animator weights, run `python -m idanimator download` and restart."
+        )
+    lines.append(f"Device: {engine.device}, offload: {engine.offload}, outputs in {engine.outputs.root}")
+    return lines
+
+
+def backbone_choices(engine: Studio) -> list[tuple[str, str]]:
+    """(label, value) pairs for the backbone dropdown."""
+    return [(TINY_BACKBONE_LABELS.get(name) or registry.BACKBONES[name].label, name) for name in engine.backbones()]
+
+
+def resolutions(engine: Studio) -> dict[str, tuple[int, int]]:
+    """Preset label -> (height, width)."""
+    return TINY_RESOLUTIONS if engine.tiny else RESOLUTIONS
+
+
+def starting_values(engine: Studio) -> dict:
+    """The widgets' starting values: the release's defaults, or sizes a CPU renders in seconds in tiny mode."""
+    tiny = limits.TINY_DEFAULTS if engine.tiny else {}
+    return dict(
+        num_frames=tiny.get("num_frames", limits.FRAMES.default),
+        steps=tiny.get("steps", limits.STEPS.default),
+        guidance_scale=limits.GUIDANCE.default,
+        id_scale=limits.ID_SCALE.default,
+        fps=limits.FPS.default,
+        resolution=next(iter(resolutions(engine))),
+        backbone=engine.backbones()[0],
+    )
+
+
+def _refuse_quietly(preprocess, payload):
+    """Gradio refuses a value outside a widget's range (only an API call can send one) with a gr.Error that
+    prints a full server traceback; pass the same sentence on to the caller and log one line instead."""
+    try:
+        return preprocess(payload)
+    except gr.Error as exc:
+        log.info("refused a request: %s", exc.message)
+        raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
+
+from gradio.events import Dependency
+
+class Slider(gr.Slider):
+    """gr.Slider (the same widget on the page: a template of it), refusing out-of-range values quietly."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _refuse_quietly(super().preprocess, payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Number(gr.Number):
+    """gr.Number (the same widget on the page: a template of it), refusing out-of-range values quietly."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _refuse_quietly(super().preprocess, payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def slider(limit: limits.Limit, value, label: str | None = None, **kwargs) -> gr.Slider:
+    """A slider whose range and step are the setting's own (the library validates with the same Limit)."""
+    return Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
+
+
+# -- handlers (plain functions) ------------------------------------------------------------------
+
+
+def page_banner():
+    """On every page load: the current mode and state (tiny mode, downloading, CPU)."""
+    text = banner_text(studio())
+    return gr.update(value=text, visible=bool(text))
+
+
+def show_faces(files):
+    """After upload: the aligned crops the model will see, and what we noticed about the photos."""
+    if not files:
+        return None, ""
+    crops, notes = studio().preview_faces(_paths(files))
+    return face_strip(crops), "\n".join(f"- {html.escape(n)}" for n in notes)
+
+
+def _gpu_seconds(job: Job, session: str) -> int:
+    return job.gpu_seconds()
+
+
+@spaces.GPU(duration=_gpu_seconds)
+def run_on_gpu(job: Job, session: str):
+    """The GPU part of a request (on ZeroGPU, in a forked worker): studio events, then ("failed", sentence)
+    or ("stopped", None) instead of exceptions, since only plain picklable values cross the process."""
+    stop = _stops.get(session) or threading.Event()
+    try:
+        yield from studio().execute(job, stop=stop, stream=STREAMING)
+    except GenerationCancelled:
+        yield "stopped", None
+    except IDAnimatorError as exc:
+        yield "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
+        log.exception("generation failed")
+        yield "failed", UNEXPECTED.format(type(exc).__name__)
+
+
+def generate(
+    files,
+    prompt,
+    negative_prompt,
+    add_suffix,
+    backbone,
+    custom_backbone,
+    seed,
+    randomize,
+    id_scale,
+    frames,
+    steps,
+    guidance,
+    fps,
+    resolution,
+    history,
+    request: gr.Request,
+    progress=gr.Progress(),
+):
+    """Stream progress, previews and video chunks; end with the full MP4, the seed used and the history.
+
+    Outputs: live stream, preview, result, seed text, seed box, history.
+    """
+    skip = gr.update()
+    history = list(history or [])
+    session = _session(request)
+    stop = threading.Event()
+    _stops[session] = stop
+    presets = resolutions(studio())
+    if resolution not in presets:
+        raise _error(f"Resolution must be one of {', '.join(presets)}.")
+    height, width = presets[resolution]
+    request = Request(
+        faces=_paths(files),
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or "",
+        add_prompt_suffix=bool(add_suffix),
+        backbone=backbone or "",
+        custom_backbone=custom_backbone or "",
+        seed=None if randomize else seed,
+        id_scale=id_scale,
+        num_frames=frames,
+        steps=steps,
+        guidance_scale=guidance,
+        fps=fps,
+        height=height,
+        width=width,
+    )
+    events = None
+    try:
+        progress(0, desc="Checking the photos and loading the model")
+        try:
+            prepared = studio().prepare(request)
+        except IDAnimatorError as exc:
+            raise _error(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
+            log.exception("preparing the request failed")
+            raise _error(UNEXPECTED.format(type(exc).__name__)) from None
+        events = run_on_gpu(prepared, session)
+        finished = False
+        for event in events:
+            if isinstance(event, Progress):
+                progress((event.step, event.total), desc="Denoising", unit="steps")
+                yield skip, event.preview or skip, skip, skip, skip, history
+            elif isinstance(event, Segment):
+                progress(1.0, desc="Decoding")
+                yield str(event.path), skip, skip, skip, skip, history
+            elif isinstance(event, Finished):
+                for warning in event.warnings:
+                    gr.Warning(html.escape(warning), duration=MESSAGE_SECONDS)
+                finished = True
+                history = [*history, {"video": str(event.video), **event.settings}]
+                used = f"Seed used: **{event.seed}** ({event.seconds:.1f} s)"
+                yield skip, skip, str(event.video), used, event.seed, history
+            elif event[0] == "stopped":
+                break
+            else:
+                raise _error(event[1])
+            if stop.is_set() and ZERO_GPU:  # the worker is another process: closing its generator stops it
+                events.close()
+                break
+        if stop.is_set() and not finished:
+            gr.Info("Stopped.", duration=MESSAGE_SECONDS)
+            yield skip, skip, skip, "Stopped.", skip, history
+    finally:  # also when the browser goes away mid-run: closing the GPU part stops it at its next step
+        if events is not None:
+            events.close()
+        if _stops.get(session) is stop:
+            del _stops[session]
+
+
+def stop_generation(request: gr.Request):
+    """Stop this session's generation at its next denoising step."""
+    event = _stops.get(_session(request))
+    if event is not None:
+        event.set()
+
+
+def history_gallery(history):
+    """Earlier videos of this session that are still on disk (old ones are pruned)."""
+    return [
+        (item["video"], f"seed {item['seed']}")  # short enough for a thumbnail; the table has the rest
+        for item in reversed(history or [])
+        if os.path.exists(item["video"])
+    ]
+
+
+def history_table(history):
+    return [[item.get(k) for k in HISTORY_KEYS] for item in reversed(history or [])]
+
+
+# -- the page ------------------------------------------------------------------------------------
+
+
+def build_demo(engine: Studio | None = None) -> gr.Blocks:
+    global _studio
+    if engine is not None:
+        _studio = engine
+    engine = studio()
+    defaults = starting_values(engine)
+    banner_markdown = banner_text(engine)
+    # Gradio keeps its own copies of served files: drop them after an hour, checked hourly.
+    with gr.Blocks(title="idanimator", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
+        banner = gr.Markdown(banner_markdown, visible=bool(banner_markdown), elem_id="banner")
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(
+                    label="Face photo(s): drop one or more; several photos of one person are mixed",
+                    file_count="multiple",
+                    file_types=["image"],
+                    elem_id="faces",
+                )
+                crops = gr.Image(
+                    label="What the model sees (aligned faces)",
+                    height=170,
+                    interactive=False,
+                    buttons=[],
+                    elem_id="crops",
+                )
+                face_notes = gr.Markdown(elem_id="face-notes")
+                prompt = gr.Textbox(
+                    label="Prompt", placeholder="a man playing guitar on a beach at sunset", elem_id="prompt"
+                )
+                backbone = gr.Dropdown(
+                    backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
+                )
+                custom_backbone = gr.Textbox(
+                    label="Or a local backbone file/folder, or a Hub id (operator option)",
+                    visible=engine.options.allow_custom_backbones,
+                    elem_id="custom-backbone",
+                )
+                with gr.Row():
+                    seed = Number(
+                        label="Seed",
+                        value=42,
+                        precision=0,
+                        minimum=limits.SEED.low,
+                        maximum=limits.SEED.high,
+                        elem_id="seed",
+                    )
+                    randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    negative = gr.Textbox(
+                        label="Negative prompt (the release's default)",
+                        value=DEFAULT_NEGATIVE_PROMPT,
+                        lines=3,
+                        max_lines=8,
+                        elem_id="negative-prompt",
+                    )
+                    add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
+                    id_scale = slider(
+                        limits.ID_SCALE,
+                        defaults["id_scale"],
+                        "ID scale (higher: more like the photo; lower: follows the prompt)",
+                        elem_id="id-scale",
+                    )
+                    frames = slider(limits.FRAMES, defaults["num_frames"], elem_id="frames")
+                    steps = slider(limits.STEPS, defaults["steps"], elem_id="steps")
+                    guidance = slider(limits.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
+                    fps = slider(limits.FPS, defaults["fps"], elem_id="fps")
+                    resolution = gr.Radio(
+                        list(resolutions(engine)), value=defaults["resolution"], label="Resolution (height x width)"
+                    )
+                # The request's inputs, listed once: Generate sends them all, the examples fill the photos and
+                # the prompt (shown as a thumbnail of the photo and the prompt, just above Generate).
+                inputs = [
+                    files,
+                    prompt,
+                    negative,
+                    add_suffix,
+                    backbone,
+                    custom_backbone,
+                    seed,
+                    randomize,
+                    id_scale,
+                    frames,
+                    steps,
+                    guidance,
+                    fps,
+                    resolution,
+                    history,
+                ]
+                examples = [  # public-domain / CC0 photos, see assets/README.md
+                    ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
+                    ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
+                    ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
+                ]
+                examples = [[str(ASSETS / name), [str(ASSETS / name)], text] for name, text in examples]
+                examples = [example for example in examples if os.path.exists(example[0])]
+                if examples:
+                    thumbnail = gr.Image(label="Photo", type="filepath", visible=False)  # the examples' first column
+                    gr.Examples(
+                        examples=examples,
+                        inputs=[thumbnail, *inputs[:2]],
+                        visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the file list is filled too)
+                        label="Examples: click one, then Generate",
+                        elem_id="examples",
+                        cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
+                    )
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
+            with gr.Column():
+                preview = gr.Image(label="Preview while denoising", height=120, interactive=False, elem_id="preview")
+                live = gr.Video(
+                    label="Streaming (plays while the rest is decoded)",
+                    streaming=True,
+                    autoplay=True,
+                    height=300,
+                    visible=STREAMING,
+                    elem_id="live",
+                )
+                result = gr.Video(label="Result (MP4)", height=300, buttons=["download"], elem_id="result")
+                seed_used = gr.Markdown(elem_id="seed-used")
+                gallery = gr.Gallery(
+                    label="This session's videos",
+                    columns=3,
+                    height=200,
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="history",
+                )
+                table = gr.Dataframe(
+                    headers=HISTORY_HEADERS,
+                    label="Settings of this session's videos",
+                    interactive=False,
+                    wrap=True,
+                    elem_id="history-table",
+                )
+
+        # -- events ----------------------------------------------------------------------------
+        demo.load(page_banner, None, banner, queue=False)
+        files.change(show_faces, files, [crops, face_notes], api_name="faces", concurrency_limit=2)
+        # Progress shows on the preview only: an error is a toast, and leaves the last video and the seed as they were.
+        event = run.click(
+            generate,
+            inputs,
+            [live, preview, result, seed_used, seed, history],
+            api_name="generate",
+            show_progress_on=preview,
+        )
+        event.failure(lambda: gr.update(), None, preview, queue=False, show_progress="hidden", api_visibility="private")
+        event.then(history_gallery, history, gallery, queue=False, show_progress="hidden").then(
+            history_table, history, table, queue=False, show_progress="hidden"
+        )
+        stop.click(stop_generation, None, None, api_name="stop", queue=False)
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
+    return demo
+
+
+def main(args: argparse.Namespace | None = None) -> None:
+    args = args or argument_parser().parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("idanimator").setLevel(logging.INFO)  # ours; other libraries' INFO lines stay out
+    device, offload = args.device, args.offload
+    if ZERO_GPU:  # the GPU is attached per request; models live "on cuda" from the start, whole
+        device = device or "cuda"
+        offload = "none" if offload == "auto" else offload
+    options = StudioOptions(
+        device=device,
+        offload=offload,
+        tiny=args.tiny,
+        allow_custom_backbones=args.allow_custom_backbones,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+        max_outputs=args.max_outputs,
+        load_in_prepare=not ZERO_GPU,
+    )
+    try:
+        engine = Studio(options)
+    except IDAnimatorError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for line in startup_lines(engine):
+        print(line)
+    demo = build_demo(engine)
+    if ZERO_GPU:
+        engine.warm_up()  # in the main process before serving: workers are forked from it
+    else:
+        threading.Thread(target=engine.warm_up, daemon=True, name="idanimator-warm-up").start()
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(engine.outputs.root)],
+        quiet=True,  # gradio's hints (e.g. "set share=True", which --share does) are not for our users
+        prevent_thread_lock=True,
+    )
+    print(f"* Running on local URL:  {demo.local_url}")  # the public URL, with --share, gradio prints itself
+    demo.block_thread()
+
+
+if __name__ == "__main__":
+    main(ARGS)
