@@ -42,6 +42,9 @@ def argument_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     ARGS = argument_parser().parse_args()  # --help and bad arguments answer here, in a fraction of a second
+    from idanimator.console import quiet_libraries
+
+    quiet_libraries()  # before torch, diffusers and transformers are imported (below)
 
 import html
 import logging
@@ -54,6 +57,7 @@ import spaces
 
 from idanimator import registry
 from idanimator import settings as limits
+from idanimator.console import quiet_loading_bars
 from idanimator.errors import GenerationCancelled, IDAnimatorError
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
 from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
@@ -65,8 +69,10 @@ QUEUE_MAX_SIZE = 16  # requests waiting; past that, gradio answers "Queue is ful
 STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
 ZERO_GPU = bool(spaces.config.Config.zero_gpu)
 ASSETS = Path(__file__).resolve().parent / "assets"
-HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale", "height", "width"]
-HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "height", "width"]
+HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale"]  # then the size
+HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "size"]
+# Pixels: 1085 in all, so a desktop shows every column; a phone scrolls the table sideways.
+HISTORY_WIDTHS = [110, 420, 150, 75, 70, 90, 90, 80]
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
 # Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
 # after its first message, so repeated errors never pile up for longer than this.
@@ -138,8 +144,8 @@ def startup_lines(engine: Studio) -> list[str]:
     lines = []
     if engine.tiny:
         lines.append(
-            f"Tiny mode, random weights (videos are coloured noise): {_first_sentence(engine.tiny_reason)}. "
-            "For the real ID-Animator weights, run `python -m idanimator download` and restart."
+            f"Tiny mode (random weights): {_first_sentence(engine.tiny_reason)}. "
+            "Get the real weights with `python -m idanimator download`, then restart."
         )
     lines.append(f"Device: {engine.device}, offload: {engine.offload}, outputs in {engine.outputs.root}")
     return lines
@@ -169,37 +175,26 @@ def starting_values(engine: Studio) -> dict:
     )
 
 
-def _refuse_quietly(preprocess, payload):
-    """Gradio refuses a value outside a widget's range (only an API call can send one) with a gr.Error that
-    prints a full server traceback; pass the same sentence on to the caller and log one line instead."""
-    try:
-        return preprocess(payload)
-    except gr.Error as exc:
-        log.info("refused a request: %s", exc.message)
-        raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
+def refuse_quietly(widget: gr.components.Component) -> gr.components.Component:
+    """Gradio refuses a value outside a widget's range (only an API call can send one) with a gr.Error that also
+    prints a full server traceback: keep gradio's sentence for the caller, and log one line instead."""
+    check = widget.preprocess
 
+    def preprocess(payload):
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            log.info("refused a request: %s", exc.message)
+            raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
 
-class Slider(gr.Slider):
-    """gr.Slider (the same widget on the page: a template of it), refusing out-of-range values quietly."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return _refuse_quietly(super().preprocess, payload)
-
-
-class Number(gr.Number):
-    """gr.Number (the same widget on the page: a template of it), refusing out-of-range values quietly."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return _refuse_quietly(super().preprocess, payload)
+    widget.preprocess = preprocess  # this widget only (a subclass would make gradio write an app.pyi)
+    return widget
 
 
 def slider(limit: limits.Limit, value, label: str | None = None, **kwargs) -> gr.Slider:
     """A slider whose range and step are the setting's own (the library validates with the same Limit)."""
-    return Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
+    widget = gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
+    return refuse_quietly(widget)
 
 
 # -- handlers (plain functions) ------------------------------------------------------------------
@@ -347,7 +342,11 @@ def history_gallery(history):
 
 
 def history_table(history):
-    return [[item.get(k) for k in HISTORY_KEYS] for item in reversed(history or [])]
+    """The settings of this session's videos, newest first (size as height x width, like the presets)."""
+    return [
+        [*(item.get(k) for k in HISTORY_KEYS), f"{item.get('height')}x{item.get('width')}"]
+        for item in reversed(history or [])
+    ]
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -393,13 +392,15 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     elem_id="custom-backbone",
                 )
                 with gr.Row():
-                    seed = Number(
-                        label="Seed",
-                        value=42,
-                        precision=0,
-                        minimum=limits.SEED.low,
-                        maximum=limits.SEED.high,
-                        elem_id="seed",
+                    seed = refuse_quietly(
+                        gr.Number(
+                            label="Seed",
+                            value=42,
+                            precision=0,
+                            minimum=limits.SEED.low,
+                            maximum=limits.SEED.high,
+                            elem_id="seed",
+                        )
                     )
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
@@ -475,19 +476,20 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 )
                 result = gr.Video(label="Result (MP4)", height=300, buttons=["download"], elem_id="result")
                 seed_used = gr.Markdown(elem_id="seed-used")
-        # The session's history, the page's full width (the settings table needs it on a desktop).
-        gallery = gr.Gallery(
-            label="This session's videos",
-            columns=6,
-            height=200,
-            object_fit="contain",
-            fit_columns=False,
-            elem_id="history",
-        )
-        table = gr.Dataframe(
+                gallery = gr.Gallery(
+                    label="This session's videos",
+                    columns=2,  # wide enough for the captions, on a phone too
+                    height=320,  # a row of (square) thumbnails, captions included
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="history",
+                )
+        table = gr.Dataframe(  # the page's full width: on a desktop every column shows
             headers=HISTORY_HEADERS,
             label="Settings of this session's videos",
             interactive=False,
+            wrap=True,
+            column_widths=HISTORY_WIDTHS,
             elem_id="history-table",
         )
 
@@ -515,6 +517,7 @@ def main(args: argparse.Namespace | None = None) -> None:
     args = args or argument_parser().parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("idanimator").setLevel(logging.INFO)  # ours; other libraries' INFO lines stay out
+    quiet_loading_bars()  # the libraries' per-file loading bars (our own progress stays)
     device, offload = args.device, args.offload
     if ZERO_GPU:  # the GPU is attached per request; models live "on cuda" from the start, whole
         device = device or "cuda"

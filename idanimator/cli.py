@@ -1,4 +1,4 @@
-"""`python -m idanimator <command>`: generate, download, convert-checkpoint, make-tiny, backbones.
+"""`python -m idanimator <command>`: generate, eval, download, convert-checkpoint, make-tiny, backbones.
 
 The CLI only parses arguments and translates library errors into one line on stderr and a non-zero
 exit status; all the work is in the library.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import registry
@@ -17,8 +18,16 @@ from .errors import IDAnimatorError
 from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .settings import OFFLOAD_MODES
 
+_BATCH_FLAGS = ("faces_dir", "prompts", "out_dir")
+
 
 def _generate(args: argparse.Namespace) -> int:
+    if any(getattr(args, flag) is not None for flag in _BATCH_FLAGS):
+        return _generate_batch(args)
+    if args.face is None or args.prompt is None or args.out is None:
+        raise IDAnimatorError(
+            "generate needs --face, --prompt and --out (or --faces-dir, --prompts and --out-dir for a batch)."
+        )
     from .settings import GenerationSettings
     from .video import check_output_path, save_video
 
@@ -27,15 +36,57 @@ def _generate(args: argparse.Namespace) -> int:
     fps = limits.FPS.check(args.fps)
     check_output_path(args.out)
 
-    import torch
-
     from .face import crop_face, get_detector
-    from .pipeline import IDAnimatorPipeline
     from .service import out_of_memory_guard
 
     quiet_loading_bars()
     detector = get_detector(args.detector)
     crops = [crop_face(face, detector) for face in args.face]
+    pipe = _load_pipeline(args, detector)
+    with out_of_memory_guard():
+        result = pipe(crops, **settings.as_dict())
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    out = save_video(result.frames, args.out, fps=fps)
+    print(f"seed: {result.seed}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    from .eval.batch import face_photos, parse_seeds, plan, read_prompts, run_batch, still_to_make, write_manifest
+    from .settings import GenerationSettings
+
+    if any(getattr(args, flag) is not None for flag in ("face", "prompt", "out", "seed")):
+        raise IDAnimatorError("A batch (--faces-dir, --prompts, --out-dir) takes no --face, --prompt, --out or --seed.")
+    missing = [f"--{flag.replace('_', '-')}" for flag in _BATCH_FLAGS if getattr(args, flag) is None]
+    if missing:
+        raise IDAnimatorError(f"A batch also needs {' and '.join(missing)}.")
+    # Cheap checks first: every prompt, setting and photo is checked before the model loads.
+    prompts = read_prompts(args.prompts)
+    base = GenerationSettings.taken_from(args)
+    settings = [replace(base, prompt=prompt, seed=None).validate() for prompt in prompts][0]
+    fps = limits.FPS.check(args.fps)
+    jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
+    todo = still_to_make(jobs, args.out_dir, args.overwrite)
+    write_manifest(jobs, settings, args.out_dir, fps)
+    if todo:
+        from .face import crop_face, get_detector
+
+        quiet_loading_bars()
+        detector = get_detector(args.detector)
+        crops = {photo: crop_face(photo, detector) for photo in dict.fromkeys(job.face for job in todo)}
+        run_batch(_load_pipeline(args, detector), todo, crops, settings, args.out_dir, fps=fps)
+    kept = len(jobs) - len(todo)
+    kept_note = f", kept {kept} already there (--overwrite makes them anew)" if kept else ""
+    print(f"wrote {len(todo)} videos to {args.out_dir}{kept_note}")
+    return 0
+
+
+def _load_pipeline(args: argparse.Namespace, detector):
+    import torch
+
+    from .pipeline import IDAnimatorPipeline
 
     dtype = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipe = IDAnimatorPipeline.from_pretrained(
@@ -52,13 +103,42 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if pipe.pipe._execution_device.type == "cpu" and not args.tiny:
         print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
-    with out_of_memory_guard():
-        result = pipe(crops, **settings.as_dict())
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    out = save_video(result.frames, args.out, fps=fps)
-    print(f"seed: {result.seed}")
-    print(f"wrote {out}")
+    return pipe
+
+
+CLIP_DEFAULT = "openai/clip-vit-base-patch32 from the Hugging Face cache"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.clipmetrics import check_clip_folder
+    from .eval.runner import EvalOptions, evaluate
+    from .eval.spec import parse_metrics
+
+    # Cheap checks first: a misspelt metric or path is reported before any model loads.
+    metrics = parse_metrics(args.metrics)
+    if args.clip is not None:
+        check_clip_folder(args.clip)
+    for flag, path in (("--curricularface", args.curricularface), ("--insightface-root", args.insightface_root)):
+        if path is not None and not path.expanduser().exists():
+            raise IDAnimatorError(f"The path given to {flag}, {path}, does not exist.")
+    options = EvalOptions(
+        metrics=metrics,
+        device=args.device,
+        detector=args.detector,
+        clip=args.clip,
+        curricularface=args.curricularface,
+        insightface_root=args.insightface_root,
+        arcface_pack=args.arcface_pack,
+        prompts=args.prompts,
+    )
+    summary = evaluate(args.videos, args.faces, args.out, options, progress=not args.no_progress)
+    for key in summary["columns"]:
+        value = summary[key]
+        print(f"{key:<18} {'n/a' if value is None else format(value, '.4g')}")
+    counts = summary["counts"]
+    print(f"measured {counts['measured']} of {counts['videos']} videos; wrote {args.out / 'summary.json'}")
+    if counts["measured"] == 0:
+        raise IDAnimatorError(f"None of the {counts['videos']} videos could be read; see the warnings above.")
     return 0
 
 
@@ -136,15 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--face",
         action="append",
-        required=True,
         metavar="PHOTO",
         help="a photo of the face; repeat to mix several photos into one identity",
     )
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt")
     gen.add_argument(
         "--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="the release's by default: %(default).48s..."
     )
-    gen.add_argument("--out", required=True, type=Path, help=".mp4, .gif, or a folder for PNG frames")
+    gen.add_argument("--out", type=Path, help=".mp4, .gif, or a folder for PNG frames")
     gen.add_argument(
         "--backbone",
         default=None,
@@ -185,7 +264,53 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", choices=OFFLOAD_MODES, default="none")
     gen.add_argument("--detector", choices=["auto", "insightface", "retinaface"], default="auto")
     gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
+    batch = gen.add_argument_group(
+        "batch mode", "every photo x every prompt x every seed, written as OUT_DIR/FACE--pNN--sSEED.mp4 + .txt"
+    )
+    batch.add_argument("--faces-dir", type=Path, metavar="DIR", help="a folder of face photos (one identity each)")
+    batch.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt a line (# comments), or a JSON list")
+    batch.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds")
+    batch.add_argument("--out-dir", type=Path, metavar="DIR", help="the videos folder (what eval --videos reads)")
+    batch.add_argument("--overwrite", action="store_true", help="make videos already in --out-dir anew")
     gen.set_defaults(run=_generate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure videos: identity, prompt and motion metrics (ConsisID's protocol)",
+        formatter_class=_HelpWithDefaults,
+        description="Pairs VIDEOS/NAME.mp4 with FACES/NAME.png|jpg|jpeg|webp (or FACES/FACE.* for a batch's "
+        "FACE--pNN--sSEED names) and its prompt (VIDEOS/NAME.txt or VIDEOS/prompts.json), and writes "
+        "summary.json, summary.md and plots into OUT.",
+    )
+    ev.add_argument("--videos", required=True, type=Path, metavar="DIR", help="a folder of NAME.mp4 videos")
+    ev.add_argument("--faces", required=True, type=Path, metavar="DIR", help="a folder of reference photos")
+    ev.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the report is written")
+    ev.add_argument(
+        "--metrics",
+        default="all",
+        help="comma-separated metric names (FaceSim-Arc, FaceSim-Cur, FaceSim-dlib, CLIPScore, CLIP-Temporal, "
+        "CLIPDist, DynamicDegree, FlowMagnitude) or groups (face, clip, motion, all)",
+    )
+    ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    ev.add_argument(
+        "--detector",
+        choices=["auto", "insightface", "retinaface"],
+        default="auto",
+        help="finds the faces for every face metric (auto: insightface's buffalo_l when installed)",
+    )
+    ev.add_argument(
+        "--clip", type=Path, default=None, metavar="DIR", help="a CLIP folder (default: " + CLIP_DEFAULT + ")"
+    )
+    ev.add_argument("--curricularface", type=Path, default=None, metavar="FILE", help="CurricularFace IR-101 weights")
+    ev.add_argument(
+        "--insightface-root", type=Path, default=None, metavar="DIR", help="holds models/antelopev2 or models/buffalo_l"
+    )
+    ev.add_argument(
+        "--arcface-pack", choices=["antelopev2", "buffalo_l"], default=None, help="default: antelopev2, else buffalo_l"
+    )
+    ev.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="a JSON {name: prompt} file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(run=_eval)
 
     dl = sub.add_parser("download", help="prefetch the weights into the Hugging Face cache")
     dl.add_argument("--backbone", action="append", help="a backbone to fetch (default: the release's)")

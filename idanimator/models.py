@@ -143,9 +143,52 @@ def use_per_frame_motion_norms(unet: UNetMotionModel) -> int:
     return count
 
 
+_ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator (and CUDA's) gives every fresh tensor
+
+
+def _fresh_layout(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` itself if it is laid out as a fresh allocation would be (dtype, contiguous, aligned), else a
+    copy that is."""
+    if tensor.dtype == dtype and tensor.is_contiguous() and tensor.data_ptr() % _ALIGNMENT == 0:
+        return tensor
+    return tensor.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+
+
+def motion_unet_from_parts(unet2d: torch.nn.Module, motion_adapter: MotionAdapter) -> UNetMotionModel:
+    """``UNetMotionModel.from_unet2d(unet2d, motion_adapter)`` without building a random model first.
+
+    diffusers initialises the motion UNet with random weights (~1.3 B parameters at SD1.5 size: ~14 s on
+    two cores, mostly spent faulting in 5 GB of fresh memory) only to copy every tensor over them. Here
+    diffusers' own construction runs on the meta device with initialisation skipped (as its
+    ``from_pretrained`` does) and the model takes the backbone's and the motion adapter's tensors in place.
+    A tensor that is not laid out as a fresh allocation (contiguous, 64-byte aligned) is copied first, since
+    CPU kernels sum in an order that depends on alignment: the model's tensors then have the same values and
+    layout as diffusers' copies, so the pipeline's output is bit for bit the same.
+
+    The motion-module tensors may thus be the shared motion adapter's own, and the rest the backbone's:
+    nothing writes into them in place (casting, placing and offloading make new tensors; the LoRA fusion
+    replaces attn2's weights), and this must stay so. Layouts this does not cover (PIA's 9-channel input, a
+    backbone with parts the motion UNet lacks) go through diffusers' copy.
+    """
+    from diffusers.models.modeling_utils import no_init_weights
+
+    unet_state, motion_state = unet2d.state_dict(), motion_adapter.state_dict()
+    state = {**unet_state, **motion_state}
+    if motion_adapter.config.get("conv_in_channels") or len(state) != len(unet_state) + len(motion_state):
+        return UNetMotionModel.from_unet2d(unet2d, motion_adapter)
+    with torch.device("meta"), no_init_weights():
+        unet = UNetMotionModel.from_unet2d(unet2d, motion_adapter, load_weights=False)
+    names = {name for name, _ in (*unet.named_parameters(), *unet.named_buffers())}
+    if set(state) != set(unet.state_dict()) or not names <= set(state):
+        return UNetMotionModel.from_unet2d(unet2d, motion_adapter)
+    dtype = unet2d.dtype  # as diffusers: the motion modules take the backbone's dtype
+    unet.load_state_dict({k: _fresh_layout(v, dtype) for k, v in state.items()}, strict=True, assign=True)
+    return unet
+
+
 def build_motion_unet(parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights) -> UNetMotionModel:
     """SD1.5 UNet + AnimateDiff motion modules (per-frame norms) + the face adapter, in float32 on the CPU."""
-    unet = UNetMotionModel.from_unet2d(parts.unet, motion_adapter)
+    unet = motion_unet_from_parts(parts.unet, motion_adapter)
     use_per_frame_motion_norms(unet)
     install_face_adapter(unet, face)
     return unet
@@ -171,12 +214,20 @@ def assemble_pipeline(parts: BackboneParts, unet: UNetMotionModel, image_encoder
     return pipe
 
 
+def _placed(pipe: AnimateDiffPipeline, device: str) -> bool:
+    """Whether every tensor of the pipeline's models is on ``device`` already."""
+    target = torch.device(device)
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return all(t.device == target for m in models for t in (*m.parameters(), *m.buffers()))
+
+
 def place_pipeline(pipe: AnimateDiffPipeline, device: str, dtype: torch.dtype, offload: str) -> None:
     """Cast and place: whole model on the device, or model/sequential CPU offload."""
     if dtype != torch.float32:  # everything is loaded in float32
         pipe.to(dtype=dtype)
     if offload == "none" or device == "cpu":
-        pipe.to(device)
+        if not _placed(pipe, device):  # moving what is already there still walks every module
+            pipe.to(device)
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":

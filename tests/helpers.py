@@ -32,7 +32,7 @@ def free_port() -> int:
 def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
     port = free_port()
     log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}  # app.log as it happens
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -296,23 +296,38 @@ def release_lora_face_attention(attn, sd, index, hidden, text_len, scale):
     return forward
 
 
+def release_face_layers(tiny_kit) -> dict[int, str]:
+    """The release's numbering of its face processors: the position in its UNet's `attn_processors` (SD1.5
+    layout: attn1/attn2 alternating, down blocks, up blocks, then the mid block; motion modules not counted).
+    A plain 2-D UNet of the kit has exactly that processor list."""
+    unet2d = UNet2DConditionModel.from_pretrained(tiny_kit["base"], subfolder="unet")
+    return {
+        i: n.removesuffix(".processor")
+        for i, n in enumerate(unet2d.attn_processors)
+        if not n.endswith("attn1.processor")
+    }
+
+
 def test_fused_lora_and_face_attention_match_the_release(official, tiny_kit):
+    layers = release_face_layers(tiny_kit)
+    assert sorted(layers) == sorted({int(k.split(".")[0]) for k in official.face_adapter})
+    assert all(name.endswith("attn2") for name in layers.values())
     reference = fresh_motion_unet(tiny_kit)
     unet = fresh_motion_unet(tiny_kit)
     install_face_adapter(unet, official, scale=0.7)
-    name = spatial_cross_attention_names(unet)[1]
-    index = 3
-    attn_ref = reference.get_submodule(name.removesuffix(".processor"))
-    attn = unet.get_submodule(name.removesuffix(".processor"))
-    x = torch.randn(2, 16, attn.to_q.in_features)
-    text = torch.randn(2, 7, attn.to_k.in_features)
-    face = torch.randn(2, official.num_tokens, attn.to_k.in_features)
-    with torch.no_grad():
-        ours = attn(x, encoder_hidden_states=(text, [face]))
-        theirs = release_lora_face_attention(
-            attn_ref, official.face_adapter, index, torch.cat([text, face], 1), 7, 0.7
-        )(x)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    for index, name in layers.items():
+        attn_ref = reference.get_submodule(name)
+        attn = unet.get_submodule(name)
+        x = torch.randn(2, 16, attn.to_q.in_features, generator=generator)
+        text = torch.randn(2, 7, attn.to_k.in_features, generator=generator)
+        face = torch.randn(2, official.num_tokens, attn.to_k.in_features, generator=generator)
+        with torch.no_grad():
+            ours = attn(x, encoder_hidden_states=(text, [face]))
+            theirs = release_lora_face_attention(
+                attn_ref, official.face_adapter, index, torch.cat([text, face], 1), 7, 0.7
+            )(x)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m, n=name, i=index: f"{n} ({i}): {m}")
 
 
 def test_id_scale_reaches_every_face_attention_and_nothing_else(tiny_pipe):

@@ -3,13 +3,17 @@ driven by gradio_client)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 
 from idanimator import settings as limits
 from idanimator.studio import Studio, StudioOptions
-from tests.helpers import generate_over_http, read_video, running_app
+from tests.helpers import ROOT, generate_over_http, read_video, running_app
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +28,47 @@ def test_tiny_mode_banner_says_why_and_how_to_get_real_weights(tiny_studio):
     assert "random" in text and "python -m idanimator download" in text
     assert page.backbone_choices(tiny_studio)[0] == ("Tiny random model (folder)", "tiny")
     assert page.starting_values(tiny_studio)["num_frames"] == limits.TINY_DEFAULTS["num_frames"]
+
+
+def test_help_answers_at_once_without_loading_gradio_or_torch():
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "app.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0 and "--tiny" in run.stdout and "--share" in run.stdout
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"gradio", "spaces", "torch", "idanimator"} & imported
+    said = run.stdout + "".join(line for line in run.stderr.splitlines() if not line.startswith("import time:"))
+    assert "warn" not in said.lower()
+    assert elapsed < 10
+
+
+def test_tiny_mode_start_up_line_is_short_and_says_how_to_get_the_weights(tiny_studio, monkeypatch):
+    """Started in tiny mode because the weights cannot be had: one line, no "use --tiny" (it is in tiny mode)."""
+    import app as page
+    import idanimator.weights
+
+    monkeypatch.setattr(idanimator.weights, "hub_reachable", lambda: False)  # and HF_HUB_OFFLINE, empty cache
+    reason, _ = idanimator.weights.real_weights_status()
+    assert reason and "--tiny" in reason  # the library's sentence says what a CLI user can do
+    monkeypatch.setattr(tiny_studio, "tiny_reason", reason)
+    first = page.startup_lines(tiny_studio)[0]
+    assert first.startswith("Tiny mode") and "not in the local Hugging Face cache" in first
+    assert "--tiny" not in first and "python -m idanimator download" in first and len(first) < 250
+    monkeypatch.setattr(tiny_studio, "tiny_reason", "forced with --tiny.")
+    assert "forced with --tiny" in page.startup_lines(tiny_studio)[0]
+
+
+def test_messages_close_on_their_own_within_seconds():
+    """Gradio stacks the toasts of one kind and closes them this long after the first: repeats cannot pile up."""
+    import app as page
+
+    assert page._error("No face was found.").duration == page.MESSAGE_SECONDS <= 8
 
 
 def test_real_mode_offers_the_registry_and_the_release_defaults(monkeypatch, tmp_path):
@@ -56,9 +101,41 @@ def test_the_pages_sliders_are_the_settings_limits(tiny_studio):
     assert (sliders["seed"].minimum, sliders["seed"].maximum) == (0, limits.MAX_SEED)
 
 
+def test_the_page_layout_examples_above_generate_negative_prompt_in_advanced(tiny_studio):
+    import gradio as gr
+
+    import app as page
+    from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
+
+    demo = page.build_demo(tiny_studio)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    negative = by_id["negative-prompt"]
+    assert negative.value == DEFAULT_NEGATIVE_PROMPT
+    assert by_id["advanced"] in ancestors(negative) and not by_id["advanced"].open
+    examples = by_id["examples"]  # the examples' table: a thumbnail of the photo, and the prompt
+    assert [c["name"] for c in examples.get_config()["components"]] == ["image", "textbox"]
+    # In the inputs' column, just above the Generate button's row.
+    column = next(b for b in ancestors(by_id["generate"]) if isinstance(b, gr.Column))
+    order = [b for b in column.children if b in {examples, *ancestors(by_id["generate"])}]
+    assert order == [examples, by_id["generate"].parent]
+
+
+def ancestors(block) -> list:
+    found = []
+    while block.parent is not None:
+        block = block.parent
+        found.append(block)
+    return found
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_kit):
-    with running_app(tmp_path_factory.mktemp("app")) as (url, proc):
+def app_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("app")
+
+
+@pytest.fixture(scope="module")
+def app(app_dir, tiny_kit):
+    with running_app(app_dir) as (url, proc):
         yield Client(url, verbose=False), proc
 
 
@@ -107,6 +184,21 @@ def test_out_of_range_values_sent_to_the_api_get_a_sentence(app, astronaut_path,
     with pytest.raises(Exception, match=message):
         generate(client, astronaut_path, seed=seed, frames=frames)
     assert proc.poll() is None
+
+
+def test_the_console_shows_our_lines_not_tracebacks_or_gradio_hints(app, app_dir, astronaut_path):
+    """A value the page's widgets refuse, sent over the API, is one log line; gradio's share hint is not shown
+    (--share exists), nor its HTTP client's INFO lines."""
+    client, _ = app
+    with pytest.raises(Exception, match="greater than maximum value 32"):
+        generate(client, astronaut_path, frames=999)
+    log = (app_dir / "app.log").read_text()
+    assert "Traceback" not in log
+    assert "INFO idanimator.app: refused a request: Value 999 is greater than maximum value 32.\n" in log
+    assert "share=True" not in log and "httpx" not in log
+    assert (
+        "Tiny mode (random weights): forced with --tiny." in log and "* Running on local URL:  http://127.0.0.1:" in log
+    )
 
 
 def test_stop_ends_a_running_generation_and_the_server_answers_the_next_request(app, astronaut_path):

@@ -19,6 +19,7 @@ LAYERS = {
     "prompts": 0,
     "settings": 1,
     "files": 1,
+    "console": 1,
     "weights": 2,
     "images": 2,
     "preview": 2,
@@ -30,6 +31,18 @@ LAYERS = {
     "testing": 5.5,  # the package re-exports its kit
     "testing.kit": 5,
     "testing.single_file": 4,
+    "eval": 0,  # the evaluation package's file holds only its docstring
+    "eval.spec": 1,
+    "eval.reader": 1,
+    "eval.pairing": 1,
+    "eval.motion": 1,
+    "eval.curricularface": 1,
+    "eval.report": 2,
+    "eval.clipmetrics": 3,
+    "eval.embedders": 4,
+    "eval.identity": 4,
+    "eval.runner": 6,
+    "eval.batch": 8,  # generate's batch mode: drives a loaded pipeline like the studio
     "pipeline": 6,
     "service": 7,
     "studio": 8,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -22,23 +23,40 @@ ARGS = [
     "--disable-sync",
     "--autoplay-policy=no-user-gesture-required",
 ]
+DESKTOP = {"width": 1400, "height": 1300}
+PHONE = {"width": 390, "height": 844}
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("CI"):
         raise RuntimeError(f"{CHROMIUM} is missing: CI must install Debian's chromium package")
     pytest.skip("Debian's chromium is not installed (sudo apt-get install -y chromium)", allow_module_level=True)
 
+# How far the content of an element reaches past its right edge (0: nothing is cut off or scrolled away).
+OVERFLOW = """e => Math.max(e.scrollWidth - e.clientWidth,
+    ...[...e.querySelectorAll('*')].map(c => c.getBoundingClientRect().right - e.getBoundingClientRect().right))"""
+# The ids of the components whose status tracker says "Error".
+ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-tracker]')]
+    .filter(t => t.offsetParent !== null && t.innerText.includes('Error')).map(t => t.closest('[id]')?.id)"""
 
-def test_generate_in_the_browser_plays_a_video(tmp_path, astronaut_path, tiny_kit):
+
+def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit):
     from playwright.sync_api import sync_playwright
 
     with running_app(tmp_path) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page = browser.new_page(viewport=DESKTOP)
         page.goto(url)
-        page.locator("#faces input[type=file]").set_input_files(str(astronaut_path))
+        # The examples: thumbnails of the photos, just above Generate; the negative prompt waits in "Advanced".
+        examples = page.locator("#examples")
+        examples.locator("img").first.wait_for(timeout=30_000)
+        assert examples.locator("img").count() >= 3
+        assert examples.bounding_box()["y"] < page.locator("#generate").bounding_box()["y"]
+        assert not page.locator("#negative-prompt").is_visible()
+        examples.get_by_text("a woman smiling and waving").click()  # fills the photo and the prompt
         page.locator("#crops img").wait_for(timeout=60_000)  # the aligned face is shown
-        page.locator("#prompt textarea").fill("an astronaut smiling and waving")
+        assert "smiling and waving" in page.locator("#prompt textarea").input_value()
+        long_prompt = "an astronaut smiling and waving at the camera, floating weightless in a space station"
+        page.locator("#prompt textarea").fill(long_prompt)  # long in the history table: it must wrap
         page.locator("#backbone input").click()
         page.get_by_role("option", name="Tiny random model (single file)").click()
         page.locator("#randomize input").uncheck()
@@ -54,8 +72,36 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, astronaut_path, tiny_ki
         )
         duration = video.evaluate("v => v.duration")
         assert duration > 0.5  # 8 frames at 9 fps
+        # The history: whole captions, every column of the settings in view.
+        caption = page.locator("#history").get_by_text("seed 1234", exact=True)
+        caption.wait_for(timeout=30_000)
+        page.locator("#history-table").get_by_text("64x64").filter(visible=True).first.wait_for(timeout=30_000)
+        time.sleep(1)  # the last layout pass
+        assert caption.evaluate(OVERFLOW) <= 1
+        assert page.locator("#history-table").evaluate(OVERFLOW) <= 1
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot), full_page=True)
+
+        # An error is one message: the last video and the seed stay, and the message goes away on its own.
+        page.locator("#faces input[type=file]").set_input_files(str(no_face_path))
+        page.locator("#face-notes").get_by_text("No face was found").wait_for(timeout=60_000)
+        page.locator("#generate").click()
+        toast = page.locator(".toast-body.error")
+        toast.get_by_text("No face was found").first.wait_for(timeout=30_000)
+        shown = time.monotonic()
+        page.locator("#generate").click()  # a second error joins the first message's toast
+        toast.get_by_text("No face was found").nth(1).wait_for(timeout=30_000)
+        assert page.evaluate(ERROR_BADGES) == []
+        assert video.evaluate("v => v.duration") == duration
+        assert page.locator("#seed input").is_visible() and page.locator("#seed input").input_value() == "1234"
+        toast.wait_for(state="detached", timeout=20_000)
+        assert time.monotonic() - shown < 9  # gradio's default: 10 s
+
+        # A phone: the examples fit, captions stay whole (the settings table may scroll sideways there).
+        page.set_viewport_size(PHONE)
+        time.sleep(1)
+        assert examples.evaluate(OVERFLOW) <= 1
+        assert caption.evaluate(OVERFLOW) <= 1
         browser.close()
     assert shot.stat().st_size > 10_000
     if os.environ.get("IDANIMATOR_UPDATE_SCREENSHOT"):

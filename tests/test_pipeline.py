@@ -169,6 +169,24 @@ def test_long_prompt_is_cut_with_a_warning(tiny_pipe, crops):
     assert any("77 tokens" in w for w in result.warnings)
 
 
+def test_ordinary_prompts_fit_the_tiny_tokenizer_as_they_fit_clips(tiny_pipe, crops):
+    """The tiny kit's tokenizer is not byte-per-token: an example prompt plus the suffix fits in 77 tokens."""
+    result = tiny_pipe(crops[:1], "a man filming with a camera in a park, autumn leaves falling", **TINY_SETTINGS)
+    assert result.warnings == []
+
+
+def test_long_prompts_reach_the_tokenizer_whole(tiny_pipe):
+    """Cut by the tokenizer's own truncation inside the pipeline, never decoded and encoded again here."""
+    from idanimator.settings import GenerationSettings
+
+    settings = GenerationSettings(prompt="a very long prompt " * 40).validate()
+    warnings = []
+    prompt, negative = tiny_pipe._final_prompts(settings, warnings)
+    assert prompt == settings.prompt + " 8k uhd, high quality, medium shot"
+    assert negative.startswith("(deformed iris") and negative.endswith("UnrealisticDream long shots, full body")
+    assert len(warnings) == 1
+
+
 def test_prompt_suffix_is_on_by_default_and_can_be_switched_off(tiny_pipe, crops):
     with_suffix = generate(tiny_pipe, crops[:1])
     without = generate(tiny_pipe, crops[:1], add_prompt_suffix=False)

@@ -271,7 +271,7 @@ def test_motion_module_norms_run_per_frame_in_the_loaded_unet(tiny_pipe):
         changed = x.clone()
         changed[k] = changed[k] * 10 + 3  # batch 0, frame k
         seen = []
-        handle = norm.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+        handle = norm.register_forward_hook(lambda module, args, output, seen=seen: seen.append(output.detach()))
         try:
             with torch.no_grad():
                 transformer(x, num_frames=frames)
@@ -338,7 +338,8 @@ def test_app_starting_values_are_the_releases(monkeypatch, tmp_path):
     assert page.resolutions(engine)[values["resolution"]] == (RELEASE_HEIGHT, RELEASE_WIDTH)
 
     demo = page.build_demo(engine)
-    widgets = {getattr(b, "label", None): b for b in demo.blocks.values()}
-    assert widgets["Negative prompt"].value == RELEASE_NEGATIVE_PROMPT
+    textboxes = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox)]
+    negative = [b for b in textboxes if (b.label or "").lower().startswith("negative prompt")]
+    assert len(negative) == 1 and negative[0].value == RELEASE_NEGATIVE_PROMPT
     suffix = [b for b in demo.blocks.values() if isinstance(b, gr.Checkbox) and "quality words" in (b.label or "")]
     assert len(suffix) == 1 and suffix[0].value is True
