@@ -58,7 +58,7 @@ import spaces
 from idanimator import registry
 from idanimator import settings as limits
 from idanimator.console import quiet_loading_bars
-from idanimator.errors import GenerationCancelled, IDAnimatorError
+from idanimator.errors import IDAnimatorError
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
 from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
 
@@ -72,7 +72,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale"]  # then the size
 HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "size"]
 # Pixels: 1085 in all, so a desktop shows every column; a phone scrolls the table sideways.
-HISTORY_WIDTHS = [110, 420, 150, 75, 70, 90, 90, 80]
+HISTORY_WIDTHS = [110, 380, 190, 75, 70, 90, 90, 80]
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
 # Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
 # after its first message, so repeated errors never pile up for longer than this.
@@ -82,7 +82,6 @@ TINY_RESOLUTIONS = {"64x64 (tiny)": (64, 64), "64x96 (tiny)": (96, 64)}
 TINY_BACKBONE_LABELS = {"tiny": "Tiny random model (folder)", "tiny-single-file": "Tiny random model (single file)"}
 
 _studio: Studio | None = None
-_stops: dict[str, threading.Event] = {}  # session -> its running generation's stop flag
 
 
 def studio() -> Studio:
@@ -105,10 +104,6 @@ def _error(message: str) -> gr.Error:
 
 def _first_sentence(text: str) -> str:
     return text.split(". ")[0].rstrip(".")
-
-
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "local"
 
 
 # -- wording and presets -------------------------------------------------------------------------
@@ -175,26 +170,9 @@ def starting_values(engine: Studio) -> dict:
     )
 
 
-def refuse_quietly(widget: gr.components.Component) -> gr.components.Component:
-    """Gradio refuses a value outside a widget's range (only an API call can send one) with a gr.Error that also
-    prints a full server traceback: keep gradio's sentence for the caller, and log one line instead."""
-    check = widget.preprocess
-
-    def preprocess(payload):
-        try:
-            return check(payload)
-        except gr.Error as exc:
-            log.info("refused a request: %s", exc.message)
-            raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
-
-    widget.preprocess = preprocess  # this widget only (a subclass would make gradio write an app.pyi)
-    return widget
-
-
 def slider(limit: limits.Limit, value, label: str | None = None, **kwargs) -> gr.Slider:
     """A slider whose range and step are the setting's own (the library validates with the same Limit)."""
-    widget = gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
-    return refuse_quietly(widget)
+    return gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
 
 
 # -- handlers (plain functions) ------------------------------------------------------------------
@@ -214,19 +192,16 @@ def show_faces(files):
     return face_strip(crops), "\n".join(f"- {html.escape(n)}" for n in notes)
 
 
-def _gpu_seconds(job: Job, session: str) -> int:
-    return job.gpu_seconds()
-
-
-@spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(job: Job, session: str):
+@spaces.GPU(duration=Job.gpu_seconds)
+def run_on_gpu(job: Job):
     """The GPU part of a request (on ZeroGPU, in a forked worker): studio events, then ("failed", sentence)
-    or ("stopped", None) instead of exceptions, since only plain picklable values cross the process."""
-    stop = _stops.get(session) or threading.Event()
+    instead of an exception, since only plain picklable values cross the process.
+
+    Stop is gradio's own cancellation: it closes `generate` at its next yield, whose `finally` closes this
+    generator; on ZeroGPU, spaces forwards that close to the worker (checked in spaces/zero/wrappers.py), and
+    either way the studio's worker thread stops at its next denoising step."""
     try:
-        yield from studio().execute(job, stop=stop, stream=STREAMING)
-    except GenerationCancelled:
-        yield "stopped", None
+        yield from studio().execute(job, stream=STREAMING)
     except IDAnimatorError as exc:
         yield "failed", str(exc)
     except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
@@ -259,9 +234,6 @@ def generate(
     """
     skip = gr.update()
     history = list(history or [])
-    session = _session(request)
-    stop = threading.Event()
-    _stops[session] = stop
     presets = resolutions(studio())
     if resolution not in presets:
         raise _error(f"Resolution must be one of {', '.join(presets)}.")
@@ -292,8 +264,7 @@ def generate(
         except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
             log.exception("preparing the request failed")
             raise _error(UNEXPECTED.format(type(exc).__name__)) from None
-        events = run_on_gpu(prepared, session)
-        finished = False
+        events = run_on_gpu(prepared)
         for event in events:
             if isinstance(event, Progress):
                 progress((event.step, event.total), desc="Denoising", unit="steps")
@@ -304,32 +275,20 @@ def generate(
             elif isinstance(event, Finished):
                 for warning in event.warnings:
                     gr.Warning(html.escape(warning), duration=MESSAGE_SECONDS)
-                finished = True
                 history = [*history, {"video": str(event.video), **event.settings}]
                 used = f"Seed used: **{event.seed}** ({event.seconds:.1f} s)"
                 yield skip, skip, str(event.video), used, event.seed, history
-            elif event[0] == "stopped":
-                break
             else:
                 raise _error(event[1])
-            if stop.is_set() and ZERO_GPU:  # the worker is another process: closing its generator stops it
-                events.close()
-                break
-        if stop.is_set() and not finished:
-            gr.Info("Stopped.", duration=MESSAGE_SECONDS)
-            yield skip, skip, skip, "Stopped.", skip, history
-    finally:  # also when the browser goes away mid-run: closing the GPU part stops it at its next step
+    finally:  # Stop, or the browser going away: closing the GPU part stops it at its next step
         if events is not None:
             events.close()
-        if _stops.get(session) is stop:
-            del _stops[session]
 
 
-def stop_generation(request: gr.Request):
-    """Stop this session's generation at its next denoising step."""
-    event = _stops.get(_session(request))
-    if event is not None:
-        event.set()
+def stopped():
+    """After Stop has cancelled this session's generation."""
+    gr.Info("Stopped.", duration=MESSAGE_SECONDS)
+    return "Stopped."
 
 
 def history_gallery(history):
@@ -352,6 +311,21 @@ def history_table(history):
 # -- the page ------------------------------------------------------------------------------------
 
 
+class Page(gr.Blocks):
+    """gr.Blocks, with one line in the log instead of a server traceback when gradio refuses an input that the
+    page's widgets never send (a number outside a slider's range, a choice not offered: only an API call can
+    send one). The caller still gets gradio's sentence."""
+
+    async def preprocess_data(self, *args, **kwargs):  # gradio checks each input against its widget here
+        try:
+            return await super().preprocess_data(*args, **kwargs)
+        except gr.Error as exc:
+            if not exc.print_exception:
+                raise
+            log.info("refused a request: %s", exc.message)
+            raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
+
+
 def build_demo(engine: Studio | None = None) -> gr.Blocks:
     global _studio
     if engine is not None:
@@ -360,7 +334,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
     defaults = starting_values(engine)
     banner_markdown = banner_text(engine)
     # Gradio keeps its own copies of served files: drop them after an hour, checked hourly.
-    with gr.Blocks(title="idanimator", delete_cache=(3600, 3600)) as demo:
+    with Page(title="idanimator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
         banner = gr.Markdown(banner_markdown, visible=bool(banner_markdown), elem_id="banner")
         history = gr.State([])
@@ -392,15 +366,13 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     elem_id="custom-backbone",
                 )
                 with gr.Row():
-                    seed = refuse_quietly(
-                        gr.Number(
-                            label="Seed",
-                            value=42,
-                            precision=0,
-                            minimum=limits.SEED.low,
-                            maximum=limits.SEED.high,
-                            elem_id="seed",
-                        )
+                    seed = gr.Number(
+                        label="Seed",
+                        value=42,
+                        precision=0,
+                        minimum=limits.SEED.low,
+                        maximum=limits.SEED.high,
+                        elem_id="seed",
                     )
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
@@ -496,7 +468,8 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         # -- events ----------------------------------------------------------------------------
         demo.load(page_banner, None, banner, queue=False)
         files.change(show_faces, files, [crops, face_notes], api_name="faces", concurrency_limit=2)
-        # Progress shows on the preview only: an error is a toast, and leaves the last video and the seed as they were.
+        # Progress shows on the preview only, so an error is just its message (a toast): the last video and the seed
+        # stay as they were, and the "Error" badge gradio leaves on the preview is cleared at once.
         event = run.click(
             generate,
             inputs,
@@ -508,7 +481,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         event.then(history_gallery, history, gallery, queue=False, show_progress="hidden").then(
             history_table, history, table, queue=False, show_progress="hidden"
         )
-        stop.click(stop_generation, None, None, api_name="stop", queue=False)
+        stop.click(stopped, None, seed_used, cancels=[event], api_name="stop", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
 

@@ -1,32 +1,34 @@
-"""CPU benchmark on the tiny kit: every figure is a ratio of two things measured side by side in this run.
+"""CPU benchmark on the tiny kit: every figure is a ratio of two things measured side by side in one run.
 
     python benchmarks/cpu.py [--quick] [--json] [--repeats N]
 
-* ``warm_speedup``: the first request to a fresh studio (after the imports, before any model is loaded: it
-  loads the face detector, the shared parts and the backbone) / a later request.  Target: >= 5.
-* ``switch_vs_cold``: a backbone switch (the shared parts stay) / a cold load (a fresh model service),
-  each way between the kit's two backbones, "tiny" (a diffusers folder) and "tiny-single-file" (the same
-  weights as one original-layout file).  Target: <= 0.5.
-* ``face_path_ratio``: our pipeline (face photo crop -> CLIP image encoder -> resampler -> face attention,
-  per-frame motion norms) / diffusers' stock ``AnimateDiffPipeline`` on the same weights and settings,
-  both from prompt to decoded frames: what the face adapter path costs.
-* ``serving_overhead_ratio``: a full request through the running app (``app.py --tiny`` in a subprocess,
-  called with gradio_client: upload, queue, progress and previews, streamed segments, the MP4, the
-  download) / the bare library call in this process (``IDAnimatorPipeline`` on the photo, then
-  ``write_mp4``), same settings.  Target: <= 1.10.
-* ``peak_rss_mb``: the app server's peak resident memory (``serving_peak_rss_mb``) after its requests; the
-  benchmark process's own is ``bench_peak_rss_mb``.
+* ``warm_speedup``: a server's first request (in a fresh process, after its imports: it loads the face
+  detector, the shared parts and the backbone) / a later, warm request.  Target: >= 5.
+* ``switch_vs_cold``: a backbone switch in that server (the shared parts stay) / the cold load inside its
+  first request, for the same backbone; the kit has two, "tiny" (a diffusers folder) and "tiny-single-file"
+  (the same weights as one original-layout file), and fresh processes alternate between them. Also
+  reported: ``switch_vs_reload``, the switch against loading everything again in the now-warm process.
+  Target: <= 0.5.
+* ``face_path_ratio``: our pipeline (aligned face crop -> CLIP image encoder -> resampler -> face attention;
+  per-frame motion norms) / diffusers' stock ``AnimateDiffPipeline`` on the same weights and settings, both
+  from prompt to decoded frames: what the face adapter path costs.
+* ``serving_overhead_ratio``: a request through the running app (``app.py --tiny`` in a subprocess, called
+  with gradio_client: upload, queue, progress with previews, streamed segments, the MP4, its download) /
+  the bare library call in this process (``IDAnimatorPipeline`` on the same photo, then ``write_mp4``),
+  same settings.  Target: <= 1.10.
+* ``peak_rss_mb``: the app server's peak resident memory after its requests (this process's own is
+  ``bench_peak_rss_mb``).
 
-Timings alternate between the two sides of each ratio and take medians. ``--quick``: one repeat, smaller
-requests (the test suite's smoke run; figures are noisier). ``--json``: one JSON object on stdout, nothing
-else (progress goes to stderr). Writes only temporary files, removed at exit; the tiny kit is built once
-(in ``$IDANIMATOR_CACHE``, as ``--tiny`` does).
+Both sides of a ratio alternate and the medians are compared; the load average is recorded with the
+figures, since other work on the machine slows some runs down. ``--quick``: fewer repeats and fresh
+processes. ``--smoke``: the smallest requests and one repeat, for the test suite (figures mean little).
+``--json``: one JSON object on stdout and nothing else (progress goes to stderr). Writes only temporary
+files, removed at exit; the tiny kit is built once, where ``--tiny`` keeps it (``$IDANIMATOR_CACHE``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -43,7 +45,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"serving_overhead_ratio": ("<=", 1.10), "warm_speedup": (">=", 5.0), "switch_vs_cold": ("<=", 0.5)}
+FIGURES = ["face_path_ratio", "serving_overhead_ratio", "warm_speedup", "switch_vs_cold", "peak_rss_mb"]
+BACKBONES = ["tiny", "tiny-single-file"]  # the tiny kit's: a diffusers folder, and the same weights as one file
 PROMPT = "a person smiling"
+FPS = 8
 
 
 def log(message: str) -> None:
@@ -60,6 +65,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def plan(mode: str) -> dict:
+    """Requests and repeats. The cold/warm request is the app's tiny-mode start (8 frames, 4 steps, 64x64);
+    where a ratio compares whole requests, a longer one, so that a few milliseconds do not decide it."""
+    request = {"num_frames": 8, "steps": 4, "height": 64, "width": 64}
+    if mode == "smoke":
+        request = {**request, "num_frames": 2, "steps": 1}
+        return {"request": request, "long_request": request, "repeats": 1, "processes": 1}
+    long_request = {**request, "num_frames": 16, "steps": 25}
+    if mode == "quick":
+        return {"request": request, "long_request": long_request, "repeats": 2, "processes": 2}
+    return {"request": request, "long_request": long_request, "repeats": 5, "processes": 4}
+
+
 def face_photo(folder: Path) -> Path:
     """A real face photo (scikit-image's astronaut, public domain) as a PNG file, as a user uploads it."""
     from PIL import Image
@@ -70,138 +88,153 @@ def face_photo(folder: Path) -> Path:
     return path
 
 
-# -- in this process: cold and warm requests, cold loads and switches, the face path ----------------
+# -- a freshly started server: cold and warm requests, switches ------------------------------------
 
 
-def cold_and_warm(photo: Path, output_dir: Path, request: dict, repeats: int) -> dict:
-    """The first request to a fresh studio, then warm ones (what the app's Studio does for each request)."""
+def fresh_process(first: str, photo: Path, output_dir: Path, request: dict, repeats: int) -> dict:
+    """What a freshly started server pays, run first thing in a process (after its imports only).
+
+    The first request loads the face detector, the shared parts and backbone ``first``; later requests are
+    warm. Then a switch to the other backbone and back: the switch back into ``first`` is compared with the
+    cold load of ``first`` (the model loading inside the first request), and with a reload into a fresh
+    model service in this now-warm process (``reload_s``).
+    """
+    from idanimator.service import ModelService
     from idanimator.studio import Finished, Request, Studio, StudioOptions
 
-    def run(studio) -> None:
-        events = list(studio.run(Request(faces=[str(photo)], prompt=PROMPT, backbone="tiny", seed=1, **request)))
+    second = next(name for name in BACKBONES if name != first)
+    studio = Studio(StudioOptions(tiny=True, device="cpu", output_dir=output_dir))
+    service_pipeline, loads = studio.service.pipeline, []
+
+    def timed_pipeline(backbone=None):  # the model loading inside a request
+        seconds, pipeline = timed(lambda: service_pipeline(backbone))
+        loads.append(seconds)
+        return pipeline
+
+    studio.service.pipeline = timed_pipeline
+
+    def run() -> None:
+        events = list(
+            studio.run(Request(faces=[str(photo)], prompt=PROMPT, backbone=first, seed=1, fps=FPS, **request))
+        )
         assert isinstance(events[-1], Finished)
 
-    def first_request():
-        studio = Studio(StudioOptions(tiny=True, device="cpu", output_dir=output_dir))
-        run(studio)
-        return studio
-
-    cold, studio = timed(first_request)
-    warm = [timed(lambda: run(studio))[0] for _ in range(max(2, repeats))]
-    return {"cold_request_s": cold, "warm_request_s": median(warm), "studio": studio}
-
-
-def cold_and_switch(detector, repeats: int) -> dict:
-    """Load each backbone into a fresh model service (cold: the shared parts too), and switch between them."""
-    from idanimator.service import ModelService
-    from idanimator.testing import tiny_load_options
-
-    options = tiny_load_options(device="cpu")
-    cold = {"tiny": [], "tiny-single-file": []}
-    switch = {"tiny": [], "tiny-single-file": []}
-    for _ in range(repeats):
-        for first, second in (("tiny", "tiny-single-file"), ("tiny-single-file", "tiny")):
-            service = ModelService(options, detector=detector)
-            cold[first].append(timed(lambda s=service, b=first: s.pipeline(b))[0])
-            switch[second].append(timed(lambda s=service, b=second: s.pipeline(b))[0])
-            del service
-    cold_s = {name: median(times) for name, times in cold.items()}
-    switch_s = {name: median(times) for name, times in switch.items()}
+    cold_request, _ = timed(run)
+    cold_load = loads[0]
+    warm = median([timed(run)[0] for _ in range(repeats)])
+    switch_out, _ = timed(lambda: studio.service.pipeline(second))
+    switch, _ = timed(lambda: studio.service.pipeline(first))
+    fresh_service = ModelService(studio.service.options, detector=studio.service.detector())
+    reload, _ = timed(lambda: fresh_service.pipeline(first))
     return {
-        "cold_load_s": cold_s,
-        "switch_s": switch_s,
-        "switch_vs_cold": sum(switch_s.values()) / sum(cold_s.values()),
+        "backbone": first,
+        "cold_request_s": cold_request,
+        "warm_request_s": warm,
+        "cold_load_s": cold_load,
+        "switch_s": switch,
+        "switch_out_s": switch_out,
+        "reload_s": reload,
     }
 
 
-def face_path(ours, photo_crops, settings: dict, repeats: int) -> dict:
-    """Our pipeline against diffusers' stock AnimateDiffPipeline on the same tiny weights, side by side."""
+def more_fresh_processes(first: dict, count: int, mode: str) -> list[dict]:
+    """``first`` (this process's figures) and ``count - 1`` more from new processes, alternating backbones."""
+    results = [first]
+    for i in range(1, count):
+        backbone = BACKBONES[(BACKBONES.index(first["backbone"]) + i) % len(BACKBONES)]
+        command = [sys.executable, __file__, "--fresh-process", backbone, f"--{mode}"]
+        out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        results.append(json.loads(out.stdout))
+    return results
+
+
+# -- our pipeline against diffusers' stock AnimateDiffPipeline -----------------------------------
+
+
+def face_path(photo: Path, settings: dict, repeats: int, warm_up: bool) -> dict:
+    """Ours and diffusers' stock AnimateDiffPipeline on the same tiny weights and settings, alternating."""
     import torch
     from diffusers import AnimateDiffPipeline, MotionAdapter
 
     from idanimator.models import release_scheduler
-    from idanimator.pipeline import FaceFeatureCache
+    from idanimator.pipeline import FaceFeatureCache, IDAnimatorPipeline
     from idanimator.testing import build_tiny_kit, default_tiny_dir
 
     kit = build_tiny_kit(default_tiny_dir())
+    ours = IDAnimatorPipeline.from_pretrained("tiny", tiny=True, device="cpu")
+    crops = ours.prepare_faces([str(photo)])  # face detection is not part of either side
     stock = AnimateDiffPipeline.from_pretrained(
         kit["base"], motion_adapter=MotionAdapter.from_pretrained(kit["motion_adapter"]), torch_dtype=torch.float32
     )
     stock.scheduler = release_scheduler()
-    stock.set_progress_bar_config(disable=True)
-    ours.pipe.set_progress_bar_config(disable=True)
-    common = dict(num_frames=settings["num_frames"], height=settings["height"], width=settings["width"])
+    for pipe in (ours.pipe, stock):
+        pipe.set_progress_bar_config(disable=True)
+    size = dict(num_frames=settings["num_frames"], height=settings["height"], width=settings["width"])
 
     def run_ours():
         ours.face_cache = FaceFeatureCache()  # the image encoder runs, as for a new face
-        ours(photo_crops, PROMPT, "", add_prompt_suffix=False, steps=settings["steps"], seed=0, **common)
+        ours(crops, PROMPT, "", add_prompt_suffix=False, steps=settings["steps"], seed=0, **size)
 
     def run_stock():
-        stock(
-            prompt=PROMPT,
-            negative_prompt="",
-            num_inference_steps=settings["steps"],
-            guidance_scale=8.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-            **common,
-        )
+        generator = torch.Generator().manual_seed(0)
+        stock(PROMPT, negative_prompt="", num_inference_steps=settings["steps"], generator=generator, **size)
 
-    run_ours(), run_stock()  # first calls pay one-off costs on both sides
+    if warm_up:  # first calls pay one-off costs on both sides
+        run_ours(), run_stock()
     ours_s, stock_s = [], []
     for _ in range(repeats):
         ours_s.append(timed(run_ours)[0])
         stock_s.append(timed(run_stock)[0])
-    return {"ours_s": median(ours_s), "stock_s": median(stock_s), "face_path_ratio": median(ours_s) / median(stock_s)}
+    return {"ours_s": median(ours_s), "stock_s": median(stock_s)}
 
 
 # -- the app in a subprocess, against the library in this process -------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class App:
+    """``app.py --tiny`` on a free port in a subprocess, as a user starts it."""
 
+    def __init__(self, folder: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/"
+        self.log = folder / "app.log"
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+        command = [sys.executable, "app.py", "--tiny", "--port", str(port), "--output-dir", str(folder / "app")]
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
-@contextlib.contextmanager
-def running_app(folder: Path, timeout: float = 180):
-    """``app.py --tiny`` on a free port, as a user starts it; yields (url, process)."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(ROOT / "app.py"), "--tiny", "--port", str(port), "--output-dir", str(folder / "app")]
-    with open(folder / "app.log", "w") as app_log:
-        process = subprocess.Popen(command, stdout=app_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the app exited: {(folder / 'app.log').read_text()[-2000:]}")
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the app did not start") from None
-                    time.sleep(0.25)
-            yield url, process
-        finally:
-            process.terminate()
+    def wait_until_up(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the app exited: {self.log.read_text()[-2000:]}")
             try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the app did not start") from None
+                time.sleep(0.25)
+
+    def peak_rss_mb(self) -> float:
+        """The server's peak resident set so far (VmHWM), in MiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
-def peak_rss_mb(pid: int) -> float:
-    """A live process's peak resident set (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
-
-
-def serving_overhead(photo: Path, folder: Path, request: dict, repeats: int) -> dict:
+def serving_overhead(app: App, photo: Path, folder: Path, request: dict, repeats: int, warm_up: bool) -> dict:
     """The same request through the app over HTTP and as a bare library call, alternating."""
     from gradio_client import Client, handle_file
 
@@ -209,131 +242,157 @@ def serving_overhead(photo: Path, folder: Path, request: dict, repeats: int) -> 
     from idanimator.video import write_mp4
 
     library = IDAnimatorPipeline.from_pretrained("tiny", tiny=True, device="cpu")
-    library.pipe.set_progress_bar_config(disable=True)
-    resolution = "64x64 (tiny)" if (request["height"], request["width"]) == (64, 64) else "64x96 (tiny)"
-    with running_app(folder) as (url, process):
-        client = Client(url, verbose=False, download_files=str(folder / "client"))
+    resolution = {(64, 64): "64x64 (tiny)", (96, 64): "64x96 (tiny)"}[request["height"], request["width"]]
+    app.wait_until_up()
+    client = Client(app.url, verbose=False, download_files=str(folder / "client"))
 
-        def over_http(seed: int):
-            settings = request["num_frames"], request["steps"], 8.0, request["fps"], resolution
-            video, _preview, result, _seed_text, seed_used, *_ = client.predict(
-                [handle_file(str(photo))], PROMPT, "", True, "tiny", "", seed, False, 0.8, *settings,
-                api_name="/generate",
-            )  # fmt: skip
-            assert result and Path(result).is_file() and seed_used == seed
+    def over_http(seed: int) -> None:
+        settings = (0.8, request["num_frames"], request["steps"], 8.0, FPS, resolution)
+        outputs = client.predict(
+            [handle_file(str(photo))], PROMPT, "", True, "tiny", "", seed, False, *settings, api_name="/generate"
+        )
+        video, seed_used = outputs[2], outputs[4]
+        assert Path(video).is_file() and seed_used == seed, outputs
 
-        def in_library(seed: int):
-            out = library(
-                [str(photo)],
-                PROMPT,
-                "",
-                seed=seed,
-                num_frames=request["num_frames"],
-                steps=request["steps"],
-                height=request["height"],
-                width=request["width"],
-            )
-            write_mp4(out.frames, folder / f"library-{seed}.mp4", fps=request["fps"])
+    def in_library(seed: int) -> None:
+        size = dict(num_frames=request["num_frames"], height=request["height"], width=request["width"])
+        result = library([str(photo)], PROMPT, "", steps=request["steps"], seed=seed, **size)
+        write_mp4(result.frames, folder / f"library-{seed}.mp4", fps=FPS)
 
-        over_http(0), in_library(0)  # the app's warm-up, the detector, first calls
-        http_s, library_s = [], []
-        for i in range(repeats):
-            http_s.append(timed(lambda i=i: over_http(i + 1))[0])
-            library_s.append(timed(lambda i=i: in_library(i + 1))[0])
-        serving_peak = peak_rss_mb(process.pid)
-    return {
-        "http_request_s": median(http_s),
-        "library_call_s": median(library_s),
-        "serving_overhead_ratio": median(http_s) / median(library_s),
-        "serving_overhead_s": median(http_s) - median(library_s),
-        "serving_peak_rss_mb": serving_peak,
-    }
+    # The first request to the app also waits for its warm-up; the first library call loads the detector.
+    over_http(0), in_library(0)
+    if warm_up:
+        over_http(0), in_library(0)
+    http_s, library_s = [], []
+    for i in range(repeats):
+        http_s.append(timed(lambda i=i: over_http(i + 1))[0])
+        library_s.append(timed(lambda i=i: in_library(i + 1))[0])
+    return {"http_request_s": median(http_s), "library_call_s": median(library_s), "app_peak_rss_mb": app.peak_rss_mb()}
 
 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def run(quick: bool, repeats: int | None) -> dict:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    repeats = repeats or (1 if quick else 5)
-    # Requests: the app's tiny-mode starting values (8 frames, 4 steps, 64x64) for cold/warm; longer ones where
-    # a ratio compares whole requests, so fixed costs of a few milliseconds do not decide it.
-    request = {"num_frames": 8, "steps": 4, "height": 64, "width": 64, "fps": 8}
-    long_request = {**request, "num_frames": 16, "steps": 8 if quick else 25}
+def run(mode: str, repeats: int | None) -> dict:
     import torch
 
-    from idanimator.testing import build_tiny_kit, default_tiny_dir
-
-    build_tiny_kit(default_tiny_dir())
+    setup = plan(mode)
+    repeats = repeats or setup["repeats"]
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="idanimator-cpu-bench-") as tmp:
         folder = Path(tmp)
         photo = face_photo(folder)
-        log("cold and warm requests ...")
-        requests = cold_and_warm(photo, folder / "studio", request, repeats)
-        studio = requests.pop("studio")
-        log("cold loads and backbone switches ...")
-        loads = cold_and_switch(studio.service.detector(), max(repeats, 2) if not quick else 1)
-        log("our pipeline against diffusers' stock AnimateDiffPipeline ...")
-        ours = studio.service.pipeline("tiny")
-        crops, _ = studio.prepare_faces([str(photo)])
-        faces = face_path(ours, crops, long_request, repeats)
-        del studio, ours
-        log("a request through the app against the library call ...")
-        serving = serving_overhead(photo, folder, long_request, repeats)
+        app = App(folder) if mode == "smoke" else None  # smoke: let the server start while the rest runs
+        try:
+            log("a fresh process: first request, warm requests, backbone switches ...")
+            own = fresh_process(BACKBONES[0], photo, folder / "studio", setup["request"], repeats)
+            processes = more_fresh_processes(own, setup["processes"], mode)
+            log("our pipeline against diffusers' stock AnimateDiffPipeline ...")
+            faces = face_path(photo, setup["long_request"], repeats, warm_up=mode != "smoke")
+            log("a request through the app against the library call ...")
+            app = app or App(folder)
+            serving = serving_overhead(app, photo, folder, setup["long_request"], repeats, warm_up=mode != "smoke")
+        finally:
+            if app is not None:
+                app.stop()
+
+    def each(key: str) -> float:
+        return median([p[key] for p in processes])
+
     figures = {
-        "face_path_ratio": faces["face_path_ratio"],
-        "serving_overhead_ratio": serving["serving_overhead_ratio"],
-        "warm_speedup": requests["cold_request_s"] / requests["warm_request_s"],
-        "switch_vs_cold": loads["switch_vs_cold"],
-        "peak_rss_mb": serving["serving_peak_rss_mb"],
+        "face_path_ratio": faces["ours_s"] / faces["stock_s"],
+        "serving_overhead_ratio": serving["http_request_s"] / serving["library_call_s"],
+        "warm_speedup": median([p["cold_request_s"] / p["warm_request_s"] for p in processes]),
+        "switch_vs_cold": median([p["switch_s"] / p["cold_load_s"] for p in processes]),
+        "peak_rss_mb": serving["app_peak_rss_mb"],
     }
     return {
         **figures,
-        "targets_met": {key: (figures[key] <= bound if op == "<=" else figures[key] >= bound) for key, (op, bound) in TARGETS.items()},
+        "targets_met": {k: figures[k] <= v if op == "<=" else figures[k] >= v for k, (op, v) in TARGETS.items()},
+        "switch_vs_reload": median([p["switch_s"] / p["reload_s"] for p in processes]),
         "seconds": {
-            **{k: v for k, v in requests.items()},
-            "cold_load_s": loads["cold_load_s"],
-            "switch_s": loads["switch_s"],
+            **{key: each(key) for key in ("cold_request_s", "warm_request_s", "cold_load_s", "switch_s", "reload_s")},
             "face_path_ours_s": faces["ours_s"],
             "face_path_stock_s": faces["stock_s"],
             "http_request_s": serving["http_request_s"],
             "library_call_s": serving["library_call_s"],
-            "serving_overhead_s": serving["serving_overhead_s"],
+            "serving_overhead_s": serving["http_request_s"] - serving["library_call_s"],
         },
+        "fresh_processes": processes,
         "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "settings": {"request": request, "long_request": long_request, "repeats": repeats, "quick": quick},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": time.strftime("%Y-%m-%d"),
+        "settings": {**setup, "repeats": repeats, "mode": mode, "fps": FPS},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # at the start and the end
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": _version("diffusers"),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": " ".join(["python", "benchmarks/cpu.py", *sys.argv[1:]]),
     }
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def table(results: dict) -> str:
-    s = results["seconds"]
+    s, f = results["seconds"], results
     rows = [
-        ("face_path_ratio", f"{results['face_path_ratio']:.2f}", f"ours {s['face_path_ours_s']:.2f} s / stock {s['face_path_stock_s']:.2f} s"),
-        ("serving_overhead_ratio", f"{results['serving_overhead_ratio']:.3f}", f"app {s['http_request_s']:.2f} s / library {s['library_call_s']:.2f} s"),
-        ("warm_speedup", f"{results['warm_speedup']:.1f}", f"cold {s['cold_request_s']:.2f} s / warm {s['warm_request_s']:.2f} s"),
-        ("switch_vs_cold", f"{results['switch_vs_cold']:.2f}", "switch " + ", ".join(f"{k} {v:.2f} s" for k, v in s["switch_s"].items()) + " / cold " + ", ".join(f"{k} {v:.2f} s" for k, v in s["cold_load_s"].items())),
-        ("peak_rss_mb", f"{results['peak_rss_mb']:.0f}", f"the app server; this process {results['bench_peak_rss_mb']:.0f} MiB"),
+        ("face_path_ratio", f"{f['face_path_ratio']:.2f}",
+         f"ours {s['face_path_ours_s']:.2f} s / stock AnimateDiffPipeline {s['face_path_stock_s']:.2f} s"),
+        ("serving_overhead_ratio", f"{f['serving_overhead_ratio']:.3f}",
+         f"app over HTTP {s['http_request_s']:.2f} s / library call {s['library_call_s']:.2f} s"),
+        ("warm_speedup", f"{f['warm_speedup']:.1f}",
+         f"first request {s['cold_request_s']:.2f} s / warm request {s['warm_request_s']:.2f} s"),
+        ("switch_vs_cold", f"{f['switch_vs_cold']:.2f}",
+         f"switch {s['switch_s']:.2f} s / cold load {s['cold_load_s']:.2f} s (a reload: {s['reload_s']:.2f} s)"),
+        ("peak_rss_mb", f"{f['peak_rss_mb']:.0f}", f"the app server (this process: {f['bench_peak_rss_mb']:.0f})"),
     ]  # fmt: skip
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'figure':<{width}}  {'value':>8}  measured", "-" * (width + 60)]
+    lines = [f"{'figure':<22}  {'value':>7}  measured side by side (medians)", "-" * 100]
     for key, value, detail in rows:
         target = TARGETS.get(key)
-        mark = "" if target is None else f"  (target {target[0]} {target[1]}: {'met' if results['targets_met'][key] else 'MISSED'})"
-        lines.append(f"{key:<{width}}  {value:>8}  {detail}{mark}")
+        if target is not None:
+            detail += f"  [target {target[0]} {target[1]}: {'met' if f['targets_met'][key] else 'MISSED'}]"
+        lines.append(f"{key:<22}  {value:>7}  {detail}")
+    setup, machine = f["settings"], f["machine"]
+    lines += [
+        "",
+        f"first/warm/switch request {setup['request']}; face path and serving {setup['long_request']}",
+        f"{setup['repeats']} repeats, {len(f['fresh_processes'])} fresh processes; {machine['cpus']} CPUs, "
+        f"load average {machine['load_average'][0]} -> {machine['load_average'][1]}; {f['date']}",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat, shorter requests (smoke run)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="fewer repeats and fresh processes")
+    modes.add_argument("--smoke", action="store_true", help="smallest requests, one repeat (the test suite's run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 5, 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 5; quick 2; smoke 1)")
+    parser.add_argument("--fresh-process", choices=BACKBONES, help=argparse.SUPPRESS)  # one more fresh process
     args = parser.parse_args()
-    results = run(args.quick, args.repeats)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    from idanimator.testing import build_tiny_kit, default_tiny_dir
+
+    build_tiny_kit(default_tiny_dir())  # once, before any timing (tiny mode builds it on first use)
+    if args.fresh_process:
+        setup = plan(mode)
+        with tempfile.TemporaryDirectory(prefix="idanimator-cpu-bench-") as tmp:
+            photo = face_photo(Path(tmp))
+            figures = fresh_process(args.fresh_process, photo, Path(tmp), setup["request"], setup["repeats"])
+        print(json.dumps(figures))
+        return
+    results = run(mode, args.repeats)
     print(json.dumps(results, indent=2) if args.json else table(results), flush=True)
 
 

@@ -73,7 +73,7 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         duration = video.evaluate("v => v.duration")
         assert duration > 0.5  # 8 frames at 9 fps
         # The history: whole captions, every column of the settings in view.
-        caption = page.locator("#history").get_by_text("seed 1234", exact=True)
+        caption = page.locator("#history").get_by_text("seed 1234").filter(visible=True).first
         caption.wait_for(timeout=30_000)
         page.locator("#history-table").get_by_text("64x64").filter(visible=True).first.wait_for(timeout=30_000)
         time.sleep(1)  # the last layout pass
@@ -96,6 +96,25 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         assert page.locator("#seed input").is_visible() and page.locator("#seed input").input_value() == "1234"
         toast.wait_for(state="detached", timeout=20_000)
         assert time.monotonic() - shown < 9  # gradio's default: 10 s
+
+        # Stop ends a long run at once (gradio cancels the event; the worker stops at its next step).
+        examples.get_by_text("a woman smiling and waving").click()
+        page.locator("#crops img").wait_for(timeout=60_000)
+        page.get_by_text("Advanced").click()
+        for slider, value in (("#frames", "32"), ("#steps", "100")):
+            page.locator(f"{slider} input[type=number]").fill(value)
+            page.locator(f"{slider} input[type=number]").press("Enter")
+        page.locator("#generate").click()
+        page.locator("#preview").get_by_text("Denoising").first.wait_for(timeout=60_000)
+        page.locator("#stop").click()
+        stopped = time.monotonic()
+        page.locator("#seed-used").get_by_text("Stopped.").wait_for(timeout=20_000)
+        page.wait_for_function(  # no progress left on the page
+            "() => ![...document.querySelectorAll('[data-testid=status-tracker]')]"
+            ".some(t => t.offsetParent !== null && /Denoising|Decoding/.test(t.innerText))",
+            timeout=20_000,
+        )
+        assert time.monotonic() - stopped < 20  # a 32-frame, 100-step tiny run takes about a minute
 
         # A phone: the examples fit, captions stay whole (the settings table may scroll sideways there).
         page.set_viewport_size(PHONE)
