@@ -1,6 +1,6 @@
 """CPU benchmark on the tiny kit: every figure is a ratio of two things measured side by side in one run.
 
-    python benchmarks/cpu.py [--quick] [--json] [--repeats N]
+    python benchmarks/cpu.py [--quick | --smoke] [--json] [--repeats N]
 
 * ``warm_speedup``: a server's first request (in a fresh process, after its imports: it loads the face
   detector, the shared parts and the backbone) / a later, warm request.  Target: >= 5.
@@ -15,7 +15,8 @@
 * ``serving_overhead_ratio``: a request through the running app (``app.py --tiny`` in a subprocess, called
   with gradio_client: upload, queue, progress with previews, streamed segments, the MP4, its download) /
   the bare library call in this process (``IDAnimatorPipeline`` on the same photo, then ``write_mp4``),
-  same settings.  Target: <= 1.10.
+  same settings.  Target: <= 1.10. The app streams 4-frame segments while it decodes when ffmpeg and
+  ffprobe are on the PATH; ``serving_overhead_ratio_without_streaming`` is a second app with them hidden.
 * ``peak_rss_mb``: the app server's peak resident memory after its requests (this process's own is
   ``bench_peak_rss_mb``).
 
@@ -33,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -49,6 +51,7 @@ FIGURES = ["face_path_ratio", "serving_overhead_ratio", "warm_speedup", "switch_
 BACKBONES = ["tiny", "tiny-single-file"]  # the tiny kit's: a diffusers folder, and the same weights as one file
 PROMPT = "a person smiling"
 FPS = 8
+TOOLS = ("ffmpeg", "ffprobe")  # on the PATH, the app streams the video while it is decoded
 
 
 def log(message: str) -> None:
@@ -122,10 +125,11 @@ def fresh_process(first: str, photo: Path, output_dir: Path, request: dict, repe
     cold_request, _ = timed(run)
     cold_load = loads[0]
     warm = median([timed(run)[0] for _ in range(repeats)])
-    switch_out, _ = timed(lambda: studio.service.pipeline(second))
-    switch, _ = timed(lambda: studio.service.pipeline(first))
+    # [0]: nothing here may hold the pipeline a switch drops (the service would have to collect it)
+    switch_out = timed(lambda: studio.service.pipeline(second))[0]
+    switch = timed(lambda: studio.service.pipeline(first))[0]
     fresh_service = ModelService(studio.service.options, detector=studio.service.detector())
-    reload, _ = timed(lambda: fresh_service.pipeline(first))
+    reload = timed(lambda: fresh_service.pipeline(first))[0]
     return {
         "backbone": first,
         "cold_request_s": cold_request,
@@ -192,16 +196,20 @@ def face_path(photo: Path, settings: dict, repeats: int, warm_up: bool) -> dict:
 
 
 class App:
-    """``app.py --tiny`` on a free port in a subprocess, as a user starts it."""
+    """``app.py --tiny`` on a free port in a subprocess, as a user starts it. ``streaming=False`` hides ffmpeg and
+    ffprobe from it (as on a server without them), which turns its streamed segments off."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, streaming: bool = True):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/"
-        self.log = folder / "app.log"
+        self.log = folder / f"app-{port}.log"
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-        command = [sys.executable, "app.py", "--tiny", "--port", str(port), "--output-dir", str(folder / "app")]
+        if not streaming:
+            paths = env.get("PATH", "").split(os.pathsep)
+            env["PATH"] = os.pathsep.join(p for p in paths if not any((Path(p) / t).exists() for t in TOOLS))
+        command = [sys.executable, "app.py", "--tiny", "--port", str(port), "--output-dir", str(folder / f"app-{port}")]
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -234,8 +242,8 @@ class App:
             self.process.wait()
 
 
-def serving_overhead(app: App, photo: Path, folder: Path, request: dict, repeats: int, warm_up: bool) -> dict:
-    """The same request through the app over HTTP and as a bare library call, alternating."""
+def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: dict, repeats: int, warm_up: bool):
+    """The same request through each app over HTTP and as a bare library call, alternating."""
     from gradio_client import Client, handle_file
 
     from idanimator.pipeline import IDAnimatorPipeline
@@ -243,10 +251,12 @@ def serving_overhead(app: App, photo: Path, folder: Path, request: dict, repeats
 
     library = IDAnimatorPipeline.from_pretrained("tiny", tiny=True, device="cpu")
     resolution = {(64, 64): "64x64 (tiny)", (96, 64): "64x96 (tiny)"}[request["height"], request["width"]]
-    app.wait_until_up()
-    client = Client(app.url, verbose=False, download_files=str(folder / "client"))
+    clients = {}
+    for name, app in apps.items():
+        app.wait_until_up()
+        clients[name] = Client(app.url, verbose=False, download_files=str(folder / f"client-{name}"))
 
-    def over_http(seed: int) -> None:
+    def over_http(client, seed: int) -> None:
         settings = (0.8, request["num_frames"], request["steps"], 8.0, FPS, resolution)
         outputs = client.predict(
             [handle_file(str(photo))], PROMPT, "", True, "tiny", "", seed, False, *settings, api_name="/generate"
@@ -259,15 +269,22 @@ def serving_overhead(app: App, photo: Path, folder: Path, request: dict, repeats
         result = library([str(photo)], PROMPT, "", steps=request["steps"], seed=seed, **size)
         write_mp4(result.frames, folder / f"library-{seed}.mp4", fps=FPS)
 
-    # The first request to the app also waits for its warm-up; the first library call loads the detector.
-    over_http(0), in_library(0)
-    if warm_up:
-        over_http(0), in_library(0)
-    http_s, library_s = [], []
+    # The first request to an app also waits for its warm-up; the first library call loads the detector.
+    for _ in range(2 if warm_up else 1):
+        for client in clients.values():
+            over_http(client, 0)
+        in_library(0)
+    http_s: dict[str, list[float]] = {name: [] for name in clients}
+    library_s = []
     for i in range(repeats):
-        http_s.append(timed(lambda i=i: over_http(i + 1))[0])
+        for name, client in clients.items():
+            http_s[name].append(timed(lambda c=client, i=i: over_http(c, i + 1))[0])
         library_s.append(timed(lambda i=i: in_library(i + 1))[0])
-    return {"http_request_s": median(http_s), "library_call_s": median(library_s), "app_peak_rss_mb": app.peak_rss_mb()}
+    return {
+        "http_request_s": {name: median(times) for name, times in http_s.items()},
+        "library_call_s": median(library_s),
+        "app_peak_rss_mb": apps["app"].peak_rss_mb(),
+    }
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -282,7 +299,10 @@ def run(mode: str, repeats: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="idanimator-cpu-bench-") as tmp:
         folder = Path(tmp)
         photo = face_photo(folder)
-        app = App(folder) if mode == "smoke" else None  # smoke: let the server start while the rest runs
+        streams = all(shutil.which(tool) for tool in TOOLS)
+        apps: dict[str, App] = {}
+        if mode == "smoke":  # let the server start while the rest runs
+            apps["app"] = App(folder)
         try:
             log("a fresh process: first request, warm requests, backbone switches ...")
             own = fresh_process(BACKBONES[0], photo, folder / "studio", setup["request"], repeats)
@@ -290,10 +310,12 @@ def run(mode: str, repeats: int | None) -> dict:
             log("our pipeline against diffusers' stock AnimateDiffPipeline ...")
             faces = face_path(photo, setup["long_request"], repeats, warm_up=mode != "smoke")
             log("a request through the app against the library call ...")
-            app = app or App(folder)
-            serving = serving_overhead(app, photo, folder, setup["long_request"], repeats, warm_up=mode != "smoke")
+            apps.setdefault("app", App(folder))
+            if streams and mode != "smoke":  # the same app without its streamed segments, for comparison
+                apps["app_without_streaming"] = App(folder, streaming=False)
+            serving = serving_overhead(apps, photo, folder, setup["long_request"], repeats, warm_up=mode != "smoke")
         finally:
-            if app is not None:
+            for app in apps.values():
                 app.stop()
 
     def each(key: str) -> float:
@@ -301,7 +323,7 @@ def run(mode: str, repeats: int | None) -> dict:
 
     figures = {
         "face_path_ratio": faces["ours_s"] / faces["stock_s"],
-        "serving_overhead_ratio": serving["http_request_s"] / serving["library_call_s"],
+        "serving_overhead_ratio": serving["http_request_s"]["app"] / serving["library_call_s"],
         "warm_speedup": median([p["cold_request_s"] / p["warm_request_s"] for p in processes]),
         "switch_vs_cold": median([p["switch_s"] / p["cold_load_s"] for p in processes]),
         "peak_rss_mb": serving["app_peak_rss_mb"],
@@ -310,13 +332,20 @@ def run(mode: str, repeats: int | None) -> dict:
         **figures,
         "targets_met": {k: figures[k] <= v if op == "<=" else figures[k] >= v for k, (op, v) in TARGETS.items()},
         "switch_vs_reload": median([p["switch_s"] / p["reload_s"] for p in processes]),
+        "serving_overhead_ratio_without_streaming": (
+            serving["http_request_s"]["app_without_streaming"] / serving["library_call_s"]
+            if "app_without_streaming" in serving["http_request_s"]
+            else None
+        ),
+        "app_streams": streams,
         "seconds": {
             **{key: each(key) for key in ("cold_request_s", "warm_request_s", "cold_load_s", "switch_s", "reload_s")},
             "face_path_ours_s": faces["ours_s"],
             "face_path_stock_s": faces["stock_s"],
-            "http_request_s": serving["http_request_s"],
+            "http_request_s": serving["http_request_s"]["app"],
+            "http_request_without_streaming_s": serving["http_request_s"].get("app_without_streaming"),
             "library_call_s": serving["library_call_s"],
-            "serving_overhead_s": serving["http_request_s"] - serving["library_call_s"],
+            "serving_overhead_s": serving["http_request_s"]["app"] - serving["library_call_s"],
         },
         "fresh_processes": processes,
         "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -349,7 +378,8 @@ def table(results: dict) -> str:
         ("face_path_ratio", f"{f['face_path_ratio']:.2f}",
          f"ours {s['face_path_ours_s']:.2f} s / stock AnimateDiffPipeline {s['face_path_stock_s']:.2f} s"),
         ("serving_overhead_ratio", f"{f['serving_overhead_ratio']:.3f}",
-         f"app over HTTP {s['http_request_s']:.2f} s / library call {s['library_call_s']:.2f} s"),
+         f"app over HTTP {s['http_request_s']:.2f} s ({'with' if f['app_streams'] else 'no'} streamed segments) / "
+         f"library call {s['library_call_s']:.2f} s"),
         ("warm_speedup", f"{f['warm_speedup']:.1f}",
          f"first request {s['cold_request_s']:.2f} s / warm request {s['warm_request_s']:.2f} s"),
         ("switch_vs_cold", f"{f['switch_vs_cold']:.2f}",
@@ -362,6 +392,11 @@ def table(results: dict) -> str:
         if target is not None:
             detail += f"  [target {target[0]} {target[1]}: {'met' if f['targets_met'][key] else 'MISSED'}]"
         lines.append(f"{key:<22}  {value:>7}  {detail}")
+    if f["serving_overhead_ratio_without_streaming"] is not None:
+        plain = f"{f['serving_overhead_ratio_without_streaming']:.3f}"
+        seconds = s["http_request_without_streaming_s"]
+        lines.append(f"{'  without streaming':<22}  {plain:>7}  app over HTTP {seconds:.2f} s (ffmpeg hidden from it: "
+                     "no segments) / the same library calls")  # fmt: skip
     setup, machine = f["settings"], f["machine"]
     lines += [
         "",

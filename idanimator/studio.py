@@ -23,6 +23,7 @@ from . import settings as limits
 from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
 from .models import LoadOptions
 from .outputs import OutputFolder
+from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .preview import preview_strip, tile_images
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
 from .settings import GenerationSettings
@@ -53,7 +54,7 @@ class Request:
 
     faces: list  # paths (or images) of the reference photos
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     add_prompt_suffix: bool = True
     backbone: str = ""  # a name the studio offers ("" : the default)
     custom_backbone: str = ""  # a local path or Hub id; honoured only with allow_custom_backbones

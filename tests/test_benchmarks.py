@@ -44,7 +44,8 @@ class Script:
 
     def __init__(self, name: str, args: list[str], folder: Path):
         self.name, self.log = name, folder / f"{name}.log"
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        # One thread each: the two run side by side on a small machine, and their timings are not the point.
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, f"benchmarks/{name}.py", *args],
