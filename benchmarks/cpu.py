@@ -146,7 +146,7 @@ def more_fresh_processes(first: dict, count: int, mode: str) -> list[dict]:
     results = [first]
     for i in range(1, count):
         backbone = BACKBONES[(BACKBONES.index(first["backbone"]) + i) % len(BACKBONES)]
-        command = [sys.executable, __file__, "--fresh-process", backbone, f"--{mode}"]
+        command = [sys.executable, __file__, "--fresh-process", backbone, *([f"--{mode}"] if mode != "full" else [])]
         out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         results.append(json.loads(out.stdout))
     return results
