@@ -23,8 +23,8 @@ from . import settings as limits
 from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
 from .models import LoadOptions
 from .outputs import OutputFolder
-from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .preview import preview_strip, tile_images
+from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
 from .settings import GenerationSettings
 from .video import write_mp4
