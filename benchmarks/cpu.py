@@ -211,7 +211,9 @@ class App:
             env["PATH"] = os.pathsep.join(p for p in paths if not any((Path(p) / t).exists() for t in TOOLS))
         command = [sys.executable, "app.py", "--tiny", "--port", str(port), "--output-dir", str(folder / f"app-{port}")]
         with open(self.log, "w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=_die_with_parent
+            )
 
     def wait_until_up(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -240,6 +242,18 @@ class App:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the app's process: end it when this script ends, however it ends (Linux's PR_SET_PDEATHSIG), so a
+    killed benchmark never leaves a server behind."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: dict, repeats: int, warm_up: bool):
