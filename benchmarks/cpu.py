@@ -1,6 +1,6 @@
 """CPU benchmark on the tiny kit: every figure is a ratio of two things measured side by side in one run.
 
-    python benchmarks/cpu.py [--quick | --smoke] [--json] [--repeats N]
+    python benchmarks/cpu.py [--quick | --smoke] [--json] [--repeats N] [--threads N]
 
 * ``warm_speedup``: a server's first request (in a fresh process, after its imports: it loads the face
   detector, the shared parts and the backbone) / a later, warm request.  Target: >= 5.
@@ -21,10 +21,12 @@
   ``bench_peak_rss_mb``).
 
 Both sides of a ratio alternate and the medians are compared; the load average is recorded with the
-figures, since other work on the machine slows some runs down. ``--quick``: fewer repeats and fresh
-processes. ``--smoke``: the smallest requests and one repeat, for the test suite (figures mean little).
-``--json``: one JSON object on stdout and nothing else (progress goes to stderr). Writes only temporary
-files, removed at exit; the tiny kit is built once, where ``--tiny`` keeps it (``$IDANIMATOR_CACHE``).
+figures. On a machine shared with other work, torch's default of one thread per core stalls whenever a
+core is taken away (a denoising step then takes up to ten times as long): ``--threads 1`` (every process
+of the run, the app's too) keeps the figures steady there. ``--quick``: fewer repeats and fresh processes.
+``--smoke``: the smallest requests and one repeat, for the test suite (figures mean little). ``--json``:
+one JSON object on stdout and nothing else (progress goes to stderr). Writes only temporary files, removed
+at exit; the tiny kit is built once, where ``--tiny`` keeps it (``$IDANIMATOR_CACHE``).
 """
 
 from __future__ import annotations
@@ -324,7 +326,8 @@ def run(mode: str, repeats: int | None) -> dict:
             log("our pipeline against diffusers' stock AnimateDiffPipeline ...")
             faces = face_path(photo, setup["long_request"], repeats, warm_up=mode != "smoke")
             log("a request through the app against the library call ...")
-            apps.setdefault("app", App(folder))
+            if "app" not in apps:  # (not setdefault: it would start a second server and leave it running)
+                apps["app"] = App(folder)
             if streams and mode != "smoke":  # the same app without its streamed segments, for comparison
                 apps["app_without_streaming"] = App(folder, streaming=False)
             serving = serving_overhead(apps, photo, folder, setup["long_request"], repeats, warm_up=mode != "smoke")
@@ -428,8 +431,13 @@ def main() -> None:
     modes.add_argument("--smoke", action="store_true", help="smallest requests, one repeat (the test suite's run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 5; quick 2; smoke 1)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads of every process (default: torch's, one per core)"
+    )
     parser.add_argument("--fresh-process", choices=BACKBONES, help=argparse.SUPPRESS)  # one more fresh process
     args = parser.parse_args()
+    if args.threads:  # before torch starts its thread pool, here and in every process started from here
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     from idanimator.testing import build_tiny_kit, default_tiny_dir
 

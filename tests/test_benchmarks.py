@@ -44,8 +44,11 @@ class Script:
 
     def __init__(self, name: str, args: list[str], folder: Path):
         self.name, self.log = name, folder / f"{name}.log"
+        self.tmp = folder / f"{name}-tmp"  # its temporary files go here, so the test sees what is left behind
+        self.tmp.mkdir()
         # One thread each: the two run side by side on a small machine, and their timings are not the point.
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env["TMPDIR"] = str(self.tmp)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, f"benchmarks/{name}.py", *args],
@@ -91,6 +94,7 @@ def test_cpu_benchmark_reports_every_figure(runs):
     bad = [(where, value) for where, value in numbers(results) if not math.isfinite(value)]
     assert bad == []
     assert results["settings"]["mode"] == "smoke" and results["machine"]["cpus"] >= 1
+    assert [p.name for p in scripts["cpu"].tmp.iterdir() if p.name.startswith("idanimator-")] == []  # all removed
 
 
 def test_gpu_benchmark_runs_every_section_on_the_cpu(runs):
@@ -119,6 +123,7 @@ def test_gpu_benchmark_runs_every_section_on_the_cpu(runs):
     assert bad == []
     assert json.loads((folder / "gpu.json").read_text()) == results  # --out holds the same results
     assert list((folder / "work").iterdir()) == []  # its temporary weights are gone
+    assert [p.name for p in scripts["gpu"].tmp.iterdir() if p.name.startswith("idanimator-")] == []
 
 
 # -- the cold-start benchmark's "before" and "after" build the same motion UNet -------------------------
