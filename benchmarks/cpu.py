@@ -15,7 +15,7 @@
 * ``serving_overhead_ratio``: a request through the running app (``app.py --tiny`` in a subprocess, called
   with gradio_client: upload, queue, progress with previews, streamed segments, the MP4, its download) /
   the bare library call in this process (``IDAnimatorPipeline`` on the same photo, then ``write_mp4``),
-  same settings.  Target: <= 1.10. The app streams 4-frame segments while it decodes when ffmpeg and
+  same settings.  Target: <= 1.10. The app streams 8-frame segments while it decodes when ffmpeg and
   ffprobe are on the PATH; ``serving_overhead_ratio_without_streaming`` is a second app with them hidden.
 * ``peak_rss_mb``: the app server's peak resident memory after its requests (this process's own is
   ``bench_peak_rss_mb``).

@@ -10,6 +10,7 @@ and writes the video, yielding :class:`Progress`, :class:`Segment` and :class:`F
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
 import threading
 import time
@@ -31,7 +32,41 @@ from .video import write_mp4
 
 log = logging.getLogger(__name__)
 
-SEGMENT_FRAMES = 4  # frames per streamed chunk
+# Frames per streamed chunk: 1 s of video at 8 fps. The page starts playing after the first one; each costs
+# gradio an ffprobe and an ffmpeg mux (about 0.25 s on 2 cores), so 4-frame chunks cost 1 s a video.
+SEGMENT_FRAMES = 8
+
+
+def _in_worker(work, stop: threading.Event):
+    """Run ``work(emit)`` in a thread, yielding whatever it emits as it comes; return what it returns.
+
+    The caller (gradio, ZeroGPU's worker) does its own work between items, which then overlaps with ours.
+    If the consumer goes away (closes this generator), ``stop`` is set and the worker is awaited.
+    """
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    done = object()
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = work(events.put)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+        finally:
+            events.put(done)
+
+    thread = threading.Thread(target=run, daemon=True, name="idanimator-worker")
+    thread.start()
+    try:
+        while (event := events.get()) is not done:
+            yield event
+    finally:
+        if thread.is_alive():
+            stop.set()
+            thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @dataclass
@@ -226,7 +261,7 @@ class Studio:
         preview_every: int | None = None,
     ) -> Iterator[Progress | Segment | Finished]:
         """Denoise, decode and write one video, yielding progress (with previews every few steps), streamed
-        segments (short MP4s of 4 frames each, when `stream`), then the result.
+        segments (short MP4s of SEGMENT_FRAMES frames each, when `stream`), then the result.
 
         Raises IDAnimatorError subclasses with user-facing sentences; GenerationCancelled when `stop` is set.
         Whatever happens, the service stays usable for the next request.
@@ -239,16 +274,9 @@ class Studio:
                 with self.service.guard():
                     pipe = self.service.pipeline(job.backbone)
                     result = yield from self._denoise(pipe, job, stop, preview_every or max(1, settings.steps // 6))
-                    frames = []
-                    segments = self.outputs.new_folder() if stream else None
-                    for start in range(0, settings.num_frames, SEGMENT_FRAMES):
-                        if stop.is_set():
-                            raise GenerationCancelled("Generation was stopped.")
-                        chunk = pipe.decode(result.latents, start, start + SEGMENT_FRAMES)
-                        frames.extend(chunk)
-                        if segments is not None:
-                            yield Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.fps))
-                    video = write_mp4(frames, self.outputs.new_path(".mp4"), fps=job.fps)
+                    # Decoding and encoding run ahead in a worker while the caller handles the previous
+                    # segment (gradio probes and re-muxes each one: two processes per segment).
+                    video = yield from _in_worker(lambda emit: self._write(pipe, job, result, stop, stream, emit), stop)
             finally:
                 if stop.is_set():
                     release_memory()
@@ -262,35 +290,32 @@ class Studio:
 
     def _denoise(self, pipe, job: Job, stop: threading.Event, every: int):
         """Denoise in a worker thread, yielding its Progress events as they come; returns the result."""
-        events: list[Progress] = []
-        outcome: dict = {}
 
-        def on_step(step, total, latents):
-            preview = preview_strip(latents) if (step + 1) % every == 0 or step + 1 == total else None
-            events.append(Progress(step + 1, total, preview))
+        def work(emit):
+            def on_step(step, total, latents):
+                preview = preview_strip(latents) if (step + 1) % every == 0 or step + 1 == total else None
+                emit(Progress(step + 1, total, preview))
 
-        def work():
-            try:
-                outcome["result"] = pipe.denoise(job.crops, job.settings, callback=on_step, should_stop=stop.is_set)
-            except BaseException as exc:  # handed to the caller's thread below
-                outcome["error"] = exc
+            return pipe.denoise(job.crops, job.settings, callback=on_step, should_stop=stop.is_set)
 
-        thread = threading.Thread(target=work, daemon=True, name="idanimator-denoise")
-        thread.start()
-        sent = 0
-        try:
-            while thread.is_alive() or sent < len(events):
-                thread.join(timeout=0.1)
-                while sent < len(events):
-                    yield events[sent]
-                    sent += 1
-        finally:  # the consumer went away (closed this generator): stop the worker at its next step
-            if thread.is_alive():
-                stop.set()
-                thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+        return (yield from _in_worker(work, stop))
+
+    def _write(self, pipe, job: Job, result, stop: threading.Event, stream: bool, emit) -> Path:
+        """Decode the video a segment at a time (emitting each as a short MP4 when `stream`), then write it."""
+        frames = []
+        one_segment = job.settings.num_frames <= SEGMENT_FRAMES  # then the video itself is streamed
+        segments = self.outputs.new_folder() if stream and not one_segment else None
+        for start in range(0, job.settings.num_frames, SEGMENT_FRAMES):
+            if stop.is_set():
+                raise GenerationCancelled("Generation was stopped.")
+            chunk = pipe.decode(result.latents, start, start + SEGMENT_FRAMES)
+            frames.extend(chunk)
+            if segments is not None:
+                emit(Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.fps)))
+        video = write_mp4(frames, self.outputs.new_path(".mp4"), fps=job.fps)
+        if stream and one_segment:
+            emit(Segment(video))
+        return video
 
     def run(
         self,

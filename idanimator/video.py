@@ -142,12 +142,52 @@ def _encode(images: list[np.ndarray], temp: Path, fps: int, crf: int, path: Path
     finally:
         writer.close()  # ends ffmpeg's input and waits for it to finish the file
     # write_frames ignores ffmpeg's exit status, so a failure at any point shows only in the file itself.
-    try:
-        written, _ = imageio_ffmpeg.count_frames_and_secs(temp)
-    except (OSError, RuntimeError):
-        written = None
-    if written != len(images):
+    # Its index is read in Python rather than by decoding it with a second ffmpeg: that halved the
+    # processes per streamed segment in the app (benchmarks/RESULTS.md).
+    if mp4_frame_count(temp) != len(images):
         raise _encoder_error(temp, path)
+
+
+_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}
+
+
+def mp4_frame_count(path: Path) -> int | None:
+    """The frame count in a finished MP4's index (``moov/trak/.../stsz``), or None when the file is not a
+    whole MP4: a box runs past the end of the file (cut short), or there is no index (never finished).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+
+    def boxes(start: int, end: int):
+        while start + 8 <= end:
+            size = int.from_bytes(data[start : start + 4], "big")
+            kind = data[start + 4 : start + 8]
+            header = 8
+            if size == 1:  # a 64-bit size follows the type
+                size, header = int.from_bytes(data[start + 8 : start + 16], "big"), 16
+            if size < header or start + size > end:
+                raise ValueError("cut short")
+            yield kind, start + header, start + size
+            start += size
+        if start != end:
+            raise ValueError("trailing bytes")
+
+    def count(start: int, end: int) -> int | None:
+        for kind, body, stop in list(boxes(start, end)):  # every box checked before any is read
+            if kind == b"stsz" and stop - body >= 12:
+                return int.from_bytes(data[body + 8 : body + 12], "big")  # after version/flags and size
+            if kind in _CONTAINERS:
+                found = count(body, stop)
+                if found is not None:
+                    return found
+        return None
+
+    try:
+        return count(0, len(data))
+    except ValueError:
+        return None
 
 
 def _encoder_error(temp: Path, path: Path) -> IDAnimatorError:

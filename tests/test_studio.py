@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 
 from idanimator.errors import GenerationCancelled, InvalidRequestError, NoFaceError
-from idanimator.studio import Finished, Job, OutputFolder, Progress, Request, Segment, Studio, StudioOptions, face_strip
+from idanimator.studio import (
+    SEGMENT_FRAMES,
+    Finished,
+    Job,
+    OutputFolder,
+    Progress,
+    Request,
+    Segment,
+    Studio,
+    StudioOptions,
+    face_strip,
+)
 from tests.helpers import read_video
 
 
@@ -67,16 +78,23 @@ def test_warm_up_loads_once_and_the_first_request_reuses_it(tiny_kit, detector, 
 
 
 def test_a_run_streams_progress_previews_segments_then_the_video(studio, astronaut_path):
-    events = finish(studio, request(astronaut_path))
+    events = finish(studio, request(astronaut_path, num_frames=12))
     progress = [e for e in events if isinstance(e, Progress)]
     assert [p.step for p in progress] == [1, 2, 3]
     assert any(p.preview is not None for p in progress)
     segments = [e for e in events if isinstance(e, Segment)]
-    assert len(segments) == 2  # 8 frames in chunks of 4
-    assert sum(read_video(s.path).shape[0] for s in segments) == 8
+    assert [read_video(s.path).shape[0] for s in segments] == [SEGMENT_FRAMES, 12 - SEGMENT_FRAMES]
     done = events[-1]
-    assert read_video(done.video).shape == (8, 64, 64, 3)
+    assert read_video(done.video).shape == (12, 64, 64, 3)
     assert done.seed == 11 and done.settings["seed"] == 11
+
+
+def test_a_video_of_one_segment_is_streamed_as_itself(studio, astronaut_path):
+    """No second encode of the same frames: the finished MP4 is the one segment."""
+    events = finish(studio, request(astronaut_path, num_frames=SEGMENT_FRAMES))
+    segments = [e.path for e in events if isinstance(e, Segment)]
+    assert segments == [events[-1].video]
+    assert read_video(segments[0]).shape[0] == SEGMENT_FRAMES
 
 
 def test_second_request_does_not_reload_models(studio, astronaut_path):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from idanimator.errors import IDAnimatorError, InvalidRequestError
-from idanimator.video import save_video, to_uint8_frames, write_gif, write_mp4, write_png_frames
+from idanimator.video import mp4_frame_count, save_video, to_uint8_frames, write_gif, write_mp4, write_png_frames
 from tests.helpers import probe_video, read_video
 
 
@@ -94,6 +94,17 @@ def test_mp4_moov_atom_comes_before_mdat(tmp_path):
     data = write_mp4(noise(), tmp_path / "video.mp4").read_bytes()
     moov, mdat = data.find(b"moov"), data.find(b"mdat")
     assert 0 <= moov < mdat
+
+
+def test_frame_count_is_read_from_the_index_and_a_cut_file_has_none(tmp_path):
+    """write_mp4's check that ffmpeg finished: the index's count, and None for a file cut anywhere."""
+    path = write_mp4(noise(7), tmp_path / "video.mp4")
+    data = path.read_bytes()
+    assert mp4_frame_count(path) == 7 == probe_video(path)["frame_count"]
+    for cut in (1, len(data) // 2, len(data) - 40):
+        (tmp_path / "cut.mp4").write_bytes(data[:-cut])
+        assert mp4_frame_count(tmp_path / "cut.mp4") is None
+    assert mp4_frame_count(tmp_path / "missing.mp4") is None
 
 
 def test_odd_size_is_padded_by_edge_replication(tmp_path):
