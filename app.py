@@ -268,6 +268,8 @@ def generate(
         for event in events:
             if isinstance(event, Progress):
                 progress((event.step, event.total), desc="Denoising", unit="steps")
+                # A yield every step, preview or not: Stop closes this generator, which it can only do while
+                # it waits at a yield (a generator that is running cannot be closed).
                 yield skip, event.preview or skip, skip, skip, skip, history
             elif isinstance(event, Segment):
                 progress(1.0, desc="Decoding")

@@ -74,6 +74,13 @@ IMAGE_ENCODER = HubFolder("h94/IP-Adapter", subfolder="models/image_encoder")
 # It is hosted in the project's Space, not in its model repository (which holds only the card).
 FACE_ADAPTER = HubFile("ID-Animator/ID-Animator", "animator.ckpt", repo_type="space")
 
+# `eval`'s CLIP metrics (CLIPScore, CLIP temporal consistency, CLIPDist) use CLIP ViT-B/32, as the field does.
+EVAL_CLIP = HubFolder("openai/clip-vit-base-patch32", allow_patterns=("*.json", "*.txt", "*.safetensors"))
+
+# What the release's training started from (`train --init-adapter ip-adapter-plus-face`): IP-Adapter-Plus-Face
+# SD1.5, whose resampler and face key/value have the face adapter's shapes. Its .bin twin is also accepted.
+IP_ADAPTER_PLUS_FACE = HubFile("h94/IP-Adapter", "models/ip-adapter-plus-face_sd15.safetensors")
+
 DEFAULT_BACKBONE = "realistic-vision-v6"
 
 BACKBONES: dict[str, Backbone] = {

@@ -28,6 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the app's process: end it when the test run ends, however it ends (Linux's PR_SET_PDEATHSIG), so a
+    killed pytest never leaves a server holding a port and memory."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the context manager's cleanup still ends it
+
+
 @contextmanager
 def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
     port = free_port()
@@ -48,6 +60,7 @@ def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
         stderr=subprocess.STDOUT,
         env=env,
         cwd=ROOT,
+        preexec_fn=_die_with_parent,
     )
     url = f"http://127.0.0.1:{port}/"
     try:

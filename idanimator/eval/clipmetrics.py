@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IDAnimatorError
-from ..registry import HubFolder
+from ..registry import EVAL_CLIP as CLIP_SOURCE
 from .reader import strided
 from .spec import ModelUnavailableError
 
-CLIP_REPO = "openai/clip-vit-base-patch32"
-CLIP_SOURCE = HubFolder(CLIP_REPO, allow_patterns=("*.json", "*.txt", "*.safetensors"))
+CLIP_REPO = CLIP_SOURCE.repo_id
 BATCH = 32
 
 
