@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 from .errors import GenerationCancelled, InvalidRequestError
+from .extras.apply import Call
+from .extras.apply import applied as applied_extras
+from .extras.spec import Extras
 from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, exceeds_tokens
 from .settings import FRAMES, GUIDANCE, HEIGHT, ID_SCALE, STEPS, WIDTH, GenerationSettings, draw_seed
 
@@ -157,6 +160,7 @@ class IDAnimatorPipeline:
         height: int = HEIGHT.default,
         width: int = WIDTH.default,
         add_prompt_suffix: bool = True,
+        extras: Extras | None = None,
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
@@ -165,7 +169,7 @@ class IDAnimatorPipeline:
         ``faces``: one or more photos (paths, PIL images, arrays) or prepared FaceCrops; several photos of
         one person are mixed. ``seed`` None draws one (reported in the result). ``callback(step, total,
         latents)`` runs after every step; ``should_stop()`` is asked before every step and ends the run with
-        GenerationCancelled.
+        GenerationCancelled. ``extras``: options beyond the release (:mod:`idanimator.extras`).
         """
         faces = list(faces) if isinstance(faces, (list, tuple)) else [faces]
         settings = GenerationSettings(
@@ -181,8 +185,9 @@ class IDAnimatorPipeline:
             add_prompt_suffix=add_prompt_suffix,
         )
         settings = self.check_inputs(faces, settings)
+        extras = (extras or Extras()).validate(settings.num_frames)
         crops = self.prepare_faces(faces)
-        result = self.denoise(crops, settings, callback=callback, should_stop=should_stop)
+        result = self.denoise(crops, settings, extras=extras, callback=callback, should_stop=should_stop)
         result.frames, result.latents = self.decode(result.latents), None
         return result
 
@@ -191,6 +196,7 @@ class IDAnimatorPipeline:
         crops: Sequence,
         settings: GenerationSettings,
         *,
+        extras: Extras | None = None,
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
@@ -214,8 +220,9 @@ class IDAnimatorPipeline:
                 callback(step, settings.steps, tensors["latents"])
             return tensors
 
-        try:
-            output = self.pipe(
+        call = Call(
+            self.pipe,
+            dict(
                 prompt=prompt,
                 negative_prompt=negative or None,
                 num_frames=settings.num_frames,
@@ -227,7 +234,11 @@ class IDAnimatorPipeline:
                 ip_adapter_image_embeds=[embeds.to(device=device, dtype=self.dtype)],
                 output_type="latent",
                 callback_on_step_end=on_step_end,
-            )
+            ),
+        )
+        try:
+            with applied_extras(self, settings, extras or Extras(), call):
+                output = call()
         finally:
             self.pipe.maybe_free_model_hooks()
         return GenerationResult(
