@@ -1,4 +1,4 @@
-"""`python -m idanimator <command>`: generate, eval, download, convert-checkpoint, make-tiny, backbones.
+"""`python -m idanimator <command>`: generate, eval, build-dataset, download, convert-checkpoint, make-tiny, backbones.
 
 The CLI only parses arguments and translates library errors into one line on stderr and a non-zero
 exit status; all the work is in the library.
@@ -106,7 +106,7 @@ def _load_pipeline(args: argparse.Namespace, detector):
     return pipe
 
 
-CLIP_DEFAULT = "openai/clip-vit-base-patch32 from the Hugging Face cache"
+CLIP_DEFAULT = f"{registry.EVAL_CLIP.repo_id} from the Hugging Face cache"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -188,6 +188,23 @@ def _backbones(args: argparse.Namespace) -> int:
     for name, backbone in registry.BACKBONES.items():
         default = " (default)" if name == registry.DEFAULT_BACKBONE else ""
         print(f"{name}{default}: {backbone.label} - {describe(backbone.source)}, {backbone.size}, {backbone.licence}")
+    return 0
+
+
+def _build_dataset(args: argparse.Namespace) -> int:
+    from .data.build import BuildOptions, build_dataset
+
+    fields = ("labels", "captioner", "rewriter", "workers", "faces_per_clip", "detector")
+    options = BuildOptions(**{name: getattr(args, name) for name in fields}, progress=not args.no_progress)
+    print(build_dataset(args.videos, args.out, options).summary())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training.config import TrainConfig
+    from .training.loop import train
+
+    train(TrainConfig.from_namespace(args))
     return 0
 
 
@@ -312,6 +329,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(run=_eval)
 
+    ds = sub.add_parser(
+        "build-dataset",
+        help="cut videos into clips with face pools and captions, listed in OUT/manifest.jsonl (for training)",
+        formatter_class=_HelpWithDefaults,
+        description="Resumable: a re-run skips finished videos and clips. --labels: CelebV-HQ's celebvhq_info.json, "
+        "JSON {NAME: {appearance, action, emotion, identity}} or CSV with a name column (NAME: file name without "
+        "suffix). A URL back end is OpenAI-compatible (URL#MODEL; key in OPENAI_API_KEY).",
+    )
+    ds.add_argument("--videos", required=True, type=Path, metavar="DIR", help="a folder of videos (searched deeply)")
+    ds.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the data set is written")
+    ds.add_argument("--labels", type=Path, metavar="FILE", help="per-video appearance/action/emotion labels")
+    ds.add_argument("--captioner", default="template", help="template, an image-text-to-text model, or a URL")
+    ds.add_argument("--rewriter", default="template", help="template, or a URL")
+    ds.add_argument("--workers", type=int, default=2, metavar="N", help="videos processed at once (threads)")
+    ds.add_argument("--faces-per-clip", type=int, default=8, metavar="K", help="size of each clip's face pool")
+    ds.add_argument("--detector", choices=["auto", "insightface", "retinaface"], default="auto")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ds.set_defaults(run=_build_dataset)
+
+    from .training import config as training
+
+    tr = sub.add_parser("train", help="train the face adapter on a dataset folder", formatter_class=_HelpWithDefaults)
+    tr.add_argument("--data", required=True, type=Path, metavar="DIR", help="a dataset folder (manifest.jsonl)")
+    tr.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoints, logs, validation videos")
+    for name, kind, text in training.OPTIONS:  # types, defaults and help are defined with TrainConfig
+        default, metavar = getattr(training.TrainConfig, name), {int: "N", float: "X"}.get(kind, "NAME")
+        how = {"action": "store_true"} if kind is bool else {"type": kind, "default": default, "metavar": metavar}
+        tr.add_argument("--" + name.replace("_", "-"), help=text, **how)
+    tr.add_argument("--resume", nargs="?", const="latest", metavar="DIR", help="from --out's newest checkpoint, or DIR")
+    tr.set_defaults(run=_train)
+
     dl = sub.add_parser("download", help="prefetch the weights into the Hugging Face cache")
     dl.add_argument("--backbone", action="append", help="a backbone to fetch (default: the release's)")
     dl.add_argument("--all-backbones", action="store_true")
@@ -336,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        if args.command in {"make-tiny", "convert-checkpoint"}:
+        if args.command in {"make-tiny", "convert-checkpoint", "train"}:
             quiet_loading_bars()
         return args.run(args)
     except IDAnimatorError as exc:

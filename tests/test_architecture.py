@@ -43,6 +43,29 @@ LAYERS = {
     "eval.identity": 4,
     "eval.runner": 6,
     "eval.batch": 8,  # generate's batch mode: drives a loaded pipeline like the studio
+    "data": 0,  # the dataset package's file holds only its docstring
+    "data.labels": 1,
+    "data.shots": 1,
+    "data.remote": 1,
+    "data.manifest": 2,
+    "data.decode": 2,
+    "data.captions": 3,
+    "data.facepool": 4,
+    "data.build": 5,
+    "training": 0,  # the training package's file holds only its docstring
+    "training.config": 1,
+    "training.references": 1,
+    "training.objective": 1,
+    "training.data": 3,
+    "training.modules": 4,
+    "training.init": 4,
+    "training.checkpoints": 4,
+    "training.parts": 6,
+    "training.validation": 7,
+    "training.loop": 8,  # the train command's loop: uses every training module
+    "extras": 0,  # the package's file holds only its docstring
+    "extras.spec": 2,
+    "extras.apply": 5,  # imports each option's module (layer 5 or below) by name
     "pipeline": 6,
     "service": 7,
     "studio": 8,

@@ -1,0 +1,247 @@
+"""Training clips as tensors: the manifest's clips, their frames and their reference faces.
+
+A dataset folder holds ``manifest.jsonl`` (one clip a line, written by ``build-dataset``, read with
+:func:`idanimator.data.manifest.read_manifest`): the clip's video and frame range, its caption and its face
+pool (face crops aligned as inference aligns a photo, and the frame each came from). Per sample, only the
+frames used are decoded: ffmpeg seeks to the first one (frame n is taken at n / fps, the manifest's
+constant rate) and stops after the last, with no frame dropped or repeated (as ``build-dataset`` counts).
+Every random draw of a sample (its frames, references and condition dropout) comes from the run's seed and
+the sample's position in the stream, so a resumed run reads exactly the same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.manifest import MANIFEST_NAME, read_manifest
+from ..errors import IDAnimatorError
+from .references import PoolFace, draw_references
+
+CLIP_SIZE = 224  # the CLIP image encoder's input; 112-pixel aligned crops are enlarged to it, as at inference
+# Every random draw is seeded with (seed, stream, number): the streams keep the draws of different jobs apart.
+_SAMPLE_STREAM, _ORDER_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class Clip:
+    clip_id: str
+    video: Path
+    start: int  # first source frame of the clip
+    end: int  # one past its last frame
+    fps: float
+    caption: str
+    identity: str | None
+    faces: tuple[PoolFace, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def _clip_from(record) -> Clip:
+    faces = zip(record.face_paths, record.face_frames, strict=True)
+    return Clip(
+        clip_id=record.clip_id,
+        video=record.video_path,
+        start=record.start_frame,
+        end=record.end_frame,
+        fps=record.fps,
+        caption=record.caption or "",
+        identity=record.identity,
+        faces=tuple(PoolFace(path, frame) for path, frame in faces),
+    )
+
+
+def load_clips(data: Path, frames: int) -> tuple[list[Clip], str | None]:
+    """The clips a run with ``frames`` frames can use, and a sentence counting those skipped (or None).
+
+    A clip is skipped when it is shorter than ``frames``, when its video is missing, or when its face pool
+    is empty (face files that are missing are left out of the pool first).
+    """
+    path = Path(data) / MANIFEST_NAME
+    records = read_manifest(path)
+    if not records:
+        raise IDAnimatorError(f"{path} lists no clips; build the dataset again.")
+    clips, short, no_video, no_face, missing_faces = [], 0, 0, 0, 0
+    for record in records:
+        clip = _clip_from(record)
+        present = tuple(face for face in clip.faces if face.path.is_file())
+        missing_faces += len(clip.faces) - len(present)
+        if clip.length < frames:
+            short += 1
+        elif not clip.video.is_file():
+            no_video += 1
+        elif not present:
+            no_face += 1
+        else:
+            clips.append(replace(clip, faces=present))
+    reasons = [
+        f"{short} shorter than --frames {frames}" if short else "",
+        f"{no_video} whose video is missing" if no_video else "",
+        f"{no_face} with no face in its pool" if no_face else "",
+    ]
+    reasons = ", ".join(r for r in reasons if r)
+    if not clips:
+        raise IDAnimatorError(f"None of the {len(records)} clips in {path} can be used: {reasons}.")
+    notes = []
+    if reasons:
+        notes.append(f"Skipped {len(records) - len(clips)} of {len(records)} clips: {reasons}.")
+    if missing_faces:
+        notes.append(f"Left out {missing_faces} face files that are missing.")
+    return clips, " ".join(notes) or None
+
+
+def sample_window(clip: Clip, frames: int, stride: int, rng: np.random.Generator) -> list[int]:
+    """``frames`` source frame indices, ``stride`` apart (less for a clip too short for it), at a random start."""
+    if frames > 1:
+        stride = max(1, min(stride, (clip.length - 1) // (frames - 1)))
+    span = (frames - 1) * stride + 1
+    first = clip.start + int(rng.integers(0, clip.length - span + 1))
+    return [first + i * stride for i in range(frames)]
+
+
+def read_frames(video: Path, indices: list[int], fps: float) -> np.ndarray:
+    """Frames ``indices`` (ascending) of a video as [frames, height, width, 3] uint8, decoding only from the
+    first to the last of them: ffmpeg seeks (accurately) to half a frame before the first."""
+    import imageio_ffmpeg
+
+    first, last = indices[0], indices[-1]
+    seek = ["-ss", f"{(first - 0.5) / fps:.6f}"] if first > 0 else []
+    reader = imageio_ffmpeg.read_frames(str(video), input_params=seek, output_params=["-fps_mode", "passthrough"])
+    wanted, frames = {i - first for i in indices}, {}
+    try:
+        width, height = next(reader)["size"]
+        for offset, raw in enumerate(reader):
+            if offset in wanted:
+                frames[offset] = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+            if offset >= last - first:
+                break
+    except (OSError, RuntimeError, StopIteration) as exc:
+        raise IDAnimatorError(f"The video {video} could not be read ({exc}).") from exc
+    finally:
+        reader.close()
+    if len(frames) != len(wanted):
+        raise IDAnimatorError(f"The video {video} ends before frame {last}; its manifest entry is wrong.")
+    return np.stack([frames[i - first] for i in indices])
+
+
+def resize_center_crop(frame: np.ndarray, size: int) -> Image.Image:
+    """Scale the shorter side to ``size`` (bicubic), then cut the centre square."""
+    image = Image.fromarray(frame)
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def clip_input(face: Image.Image) -> Image.Image:
+    """An aligned face crop as inference hands it to CLIP: RGB, enlarged (bicubic) to 224 x 224."""
+    face = face.convert("RGB")
+    if face.size != (CLIP_SIZE, CLIP_SIZE):
+        face = face.resize((CLIP_SIZE, CLIP_SIZE), Image.Resampling.BICUBIC)
+    return face
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Condition dropout for classifier-free guidance: the share of samples without text, face, or both."""
+
+    text: float = 0.05
+    face: float = 0.05
+    both: float = 0.05
+
+    def draw(self, rng: np.random.Generator) -> tuple[bool, bool]:
+        """(drop the text, drop the face)."""
+        u = rng.random()
+        if u < self.text:
+            return True, False
+        if u < self.text + self.face:
+            return False, True
+        return (True, True) if u < self.text + self.face + self.both else (False, False)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Samples keyed by (clip index, stream position); the position seeds every random draw of the sample.
+
+    A sample: ``frames`` [F, 3, size, size] in [-1, 1]; ``faces`` [K, 3, 224, 224], CLIP-normalised pixels,
+    all zeros when the face is dropped (what inference's unconditional branch feeds CLIP); ``caption``
+    ("" when dropped); ``clip_id``, ``window`` and ``references`` (the pool faces used) for inspection.
+    """
+
+    def __init__(
+        self,
+        clips: list[Clip],
+        *,
+        frames: int,
+        stride: int,
+        size: int,
+        num_references: int,
+        dropout: Dropout,
+        seed: int,
+        feature_extractor,
+    ):
+        self.clips, self.frames, self.stride, self.size = clips, frames, stride, size
+        self.num_references, self.dropout, self.seed = num_references, dropout, seed
+        self.feature_extractor = feature_extractor
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def rng(self, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SAMPLE_STREAM, position])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        clip, rng = self.clips[index], self.rng(position)
+        window = sample_window(clip, self.frames, self.stride, rng)
+        chosen = [clip.faces[i] for i in draw_references(clip.faces, window, self.num_references, rng)]
+        drop_text, drop_face = self.dropout.draw(rng)
+        pixels = read_frames(clip.video, window, clip.fps)
+        frames = np.stack([np.asarray(resize_center_crop(f, self.size)) for f in pixels])
+        frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        faces = [clip_input(Image.open(face.path)) for face in chosen]
+        faces = self.feature_extractor(images=faces, return_tensors="pt").pixel_values
+        if drop_face:
+            faces = torch.zeros_like(faces)
+        return {
+            "frames": frames,
+            "faces": faces,
+            "caption": "" if drop_text else clip.caption,
+            "clip_id": clip.clip_id,
+            "window": window,
+            "references": [str(face.path) for face in chosen],
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {key: [s[key] for s in samples] for key in samples[0]}
+    batch["frames"] = torch.stack(batch["frames"])
+    batch["faces"] = torch.stack(batch["faces"])
+    return batch
+
+
+class ClipStream(torch.utils.data.Sampler):
+    """An endless stream of (clip index, position) keys for one process, starting after ``start`` of its
+    samples: epoch e is a permutation of the clips drawn from (seed, e), and process p of w takes the
+    stream's items p, p + w, p + 2w, ... The same arguments always give the same keys, whatever the
+    number of data-loading workers."""
+
+    def __init__(self, num_clips: int, seed: int, *, rank: int = 0, world: int = 1, start: int = 0):
+        self.num_clips, self.seed, self.rank, self.world, self.start = num_clips, seed, rank, world, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position, epoch, order = self.start, -1, None
+        while True:
+            item = position * self.world + self.rank
+            if item // self.num_clips != epoch:
+                epoch = item // self.num_clips
+                order = np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).permutation(self.num_clips)
+            yield int(order[item % self.num_clips]), item
+            position += 1

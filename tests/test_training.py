@@ -1,0 +1,371 @@
+"""Training the face adapter: random references, learning, the train command, exact resume, initialisation.
+
+A tiny data set is built once for the module in build-dataset's layout: two short MP4s of a moving
+astronaut crop (two "identities": the photo and a recoloured copy), each with a face pool of crops aligned
+by the real detector, plus a clip too short and one without faces. Models are the tiny kit's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from idanimator.cli import main
+from idanimator.testing import TINY_SETTINGS
+from idanimator.training import loop
+from idanimator.training.data import ClipDataset, Dropout, collate, load_clips, read_frames
+from idanimator.training.init import read_initial_adapter
+from idanimator.training.modules import FaceAdapterTrainingModel, TrainableFaceAdapter
+from idanimator.training.objective import diffusion_loss, micro_step_generator
+from idanimator.training.parts import load_frozen_parts
+from idanimator.training.references import PoolFace, draw_references
+
+FRAMES, STRIDE, SIZE = 4, 2, 64
+FACE_FRAMES = (0, 6, 12, 18)
+TINY_RUN = ["--tiny", "--frames", "4", "--stride", "2", "--size", "64", "--workers", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: thread hand-offs cost more than they save on a shared two-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, detector, astronaut):
+    from idanimator.face import crop_face
+    from idanimator.video import write_mp4
+
+    root = tmp_path_factory.mktemp("dataset")
+    photo = np.asarray(astronaut)
+    identities = {"a": ("astronaut", photo), "b": ("recoloured", np.ascontiguousarray(photo[:, :, ::-1]))}
+    records = []
+    for name, (identity, image) in identities.items():
+        frames = [image[20 + t : 276 + t, 100 + 2 * t : 356 + 2 * t] for t in range(24)]  # the camera pans
+        write_mp4(frames, root / "videos" / f"{name}.mp4", fps=8)
+        faces = []
+        for frame in FACE_FRAMES:
+            path = root / "faces" / name / f"{frame:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            crop_face(frames[frame], detector).image.save(path)  # the CLIP input, as build-dataset writes
+            faces.append(str(path.relative_to(root)))
+        records.append(_record(name, f"videos/{name}.mp4", 24, identity, faces, list(FACE_FRAMES)))
+    records.append(_record("short", "videos/a.mp4", 2, "astronaut", records[0]["faces"][:1], [0]))
+    records.append(_record("zz-no-face", "videos/a.mp4", 24, "astronaut", [], []))
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def _record(clip_id, video, end, identity, faces, face_frames) -> dict:
+    caption = f"a person ({identity}) turns the head"
+    return dict(
+        clip_id=clip_id,
+        video=video,
+        start_frame=0,
+        end_frame=end,
+        fps=8.0,
+        width=256,
+        height=256,
+        identity=identity,
+        caption_attribute=identity,
+        caption_action="turns the head",
+        caption=caption,
+        faces=faces,
+        face_frames=face_frames,
+    )
+
+
+def _dataset(data_dir, feature_extractor, dropout=Dropout(0, 0, 0), **kw) -> ClipDataset:
+    clips, _ = load_clips(data_dir, FRAMES)
+    options = dict(frames=FRAMES, stride=STRIDE, size=SIZE, num_references=1, dropout=dropout, seed=0)
+    return ClipDataset(clips, **{**options, **kw}, feature_extractor=feature_extractor)
+
+
+def _trainable(parts, weights):
+    adapter = TrainableFaceAdapter.from_weights(weights, parts.unet)
+    parts.freeze("cpu", torch.float32)
+    return FaceAdapterTrainingModel(parts.unet, adapter)
+
+
+def _kit_weights(parts):
+    return read_initial_adapter(None, parts.tiny_adapter).complete(parts.unet, 32, 8, 0)
+
+
+# -- data and random references ------------------------------------------------------------------
+
+
+def test_a_reference_is_never_a_denoised_frames_face_when_the_pool_has_others():
+    pool = [PoolFace(f"f{n}.png", n) for n in (0, 6, 12, 18)]
+    rng = np.random.default_rng(0)
+    for start in range(0, 16):
+        window = [start, start + 2, start + 4, start + 6]
+        for index in draw_references(pool, window, 2, rng):
+            assert not window[0] <= pool[index].frame <= window[-1]  # not even a frame between two
+    only_inside = [PoolFace("f3.png", 3)]  # nothing else to choose: the pool's one face is used
+    assert draw_references(only_inside, [2, 3, 4, 5], 3, rng) == [0, 0, 0]
+
+
+def test_samples_take_references_from_their_own_clip_only(data_dir, tiny_kit):
+    from idanimator.training.parts import clip_image_processor
+
+    dataset = _dataset(data_dir, clip_image_processor(), num_references=2)
+    assert [c.clip_id for c in dataset.clips] == ["a", "b"]
+    for position in range(6):
+        for index, clip in enumerate(dataset.clips):
+            sample = dataset[(index, position)]
+            own = {str(face.path): face.frame for face in clip.faces}
+            assert set(sample["references"]) <= set(own)  # never another clip's (identity's) face
+            assert not any(sample["window"][0] <= own[r] <= sample["window"][-1] for r in sample["references"])
+            assert sample["frames"].shape == (FRAMES, 3, SIZE, SIZE) and sample["faces"].shape == (2, 3, 224, 224)
+
+
+def test_only_the_needed_frames_are_decoded_and_they_are_exact(data_dir):
+    from idanimator.eval.reader import read_video
+
+    every = read_video(data_dir / "videos" / "a.mp4").frames
+    for window in ([0, 2, 4, 6], [9, 11, 13, 15], [17, 19, 21, 23], [5]):
+        assert np.array_equal(read_frames(data_dir / "videos" / "a.mp4", window, 8.0), every[window])
+
+
+def test_dropped_faces_are_zeros_in_clips_normalised_pixels_and_dropped_text_is_empty(data_dir, tiny_pipe):
+    extractor = tiny_pipe.pipe.feature_extractor
+    face_only = _dataset(data_dir, extractor, Dropout(0, 1, 0))[(0, 0)]
+    assert torch.count_nonzero(face_only["faces"]) == 0 and face_only["caption"]
+    text_only = _dataset(data_dir, extractor, Dropout(1, 0, 0))[(0, 0)]
+    assert text_only["caption"] == "" and torch.count_nonzero(text_only["faces"]) > 0
+    # A dropped face gives CLIP exactly what inference's unconditional branch gives it (encode_image's uncond).
+    kept = _dataset(data_dir, extractor)[(0, 0)]
+    _, uncond = tiny_pipe.pipe.encode_image(kept["faces"], "cpu", 1, output_hidden_states=True)
+    dropped = tiny_pipe.pipe.image_encoder(face_only["faces"], output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(uncond, dropped)
+
+
+def test_unusable_clips_are_skipped_with_a_count(data_dir):
+    clips, note = load_clips(data_dir, FRAMES)
+    assert len(clips) == 2
+    assert note == "Skipped 2 of 4 clips: 1 shorter than --frames 4, 1 with no face in its pool."
+
+
+@pytest.mark.parametrize(
+    "manifest, expected",
+    [
+        (None, "There is no data set manifest"),
+        ("", "lists no clips"),
+        ("short-only", "None of the 1 clips"),
+    ],
+)
+def test_a_dataset_that_cannot_train_is_one_sentence(tmp_path, data_dir, capsys, manifest, expected):
+    if manifest is not None:
+        lines = [line for line in (data_dir / "manifest.jsonl").read_text().splitlines() if '"short"' in line]
+        (tmp_path / "manifest.jsonl").write_text("\n".join(lines) if manifest else "")
+        for folder in ("videos", "faces"):
+            (tmp_path / folder).symlink_to(data_dir / folder)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *TINY_RUN]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+# -- the trainable adapter -----------------------------------------------------------------------
+
+
+def test_the_trainable_adapter_computes_what_the_inference_adapter_computes(tiny_kit):
+    from idanimator.adapter import install_face_adapter
+
+    parts = load_frozen_parts(tiny=True)
+    weights = _kit_weights(parts)
+    inference = copy.deepcopy(parts.unet)
+    install_face_adapter(inference, weights)  # LoRA fused into attn2's weights, diffusers' IP-Adapter processor
+    model = _trainable(parts, weights)  # LoRA computed beside the frozen weights
+    assert all(torch.equal(v, weights.image_proj[k]) for k, v in model.adapter.to_weights().image_proj.items())
+    assert all(torch.equal(v, weights.face_adapter[k]) for k, v in model.adapter.to_weights().face_adapter.items())
+
+    torch.manual_seed(0)
+    latents, text, faces = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 32), torch.randn(1, 2, 50, 32)
+    with torch.no_grad():
+        ours = model(latents, torch.tensor([500]), text, faces)
+        theirs = inference(
+            latents,
+            torch.tensor([500]),
+            encoder_hidden_states=text.repeat_interleave(3, dim=0),
+            added_cond_kwargs={"image_embeds": [faces]},
+        ).sample
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_loss_on_a_fixed_batch_falls(data_dir, tiny_kit):
+    parts = load_frozen_parts(tiny=True)
+    model = _trainable(parts, _kit_weights(parts))
+    batch = collate([_dataset(data_dir, parts.feature_extractor)[(0, 0)]])
+    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = diffusion_loss(model, parts, batch, micro_step_generator(0, 0, 0), "cpu", torch.float32)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# -- initialisation ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ip_adapter_files(tmp_path_factory, tiny_kit):
+    """The tiny kit's resampler and face key/value in IP-Adapter-Plus-Face's two real layouts."""
+    from idanimator.adapter import load_face_adapter_weights
+
+    kit = load_face_adapter_weights(tiny_kit["face_adapter"])
+    ip = {f"{k.split('.')[0]}.to_{k.split('.')[1][3]}_ip.weight": v for k, v in kit.face_adapter.items() if "face" in k}
+    folder = tmp_path_factory.mktemp("ip-adapter")
+    torch.save({"image_proj": kit.image_proj, "ip_adapter": ip}, folder / "ip-adapter-plus-face_sd15.bin")
+    flat = {f"image_proj.{k}": v for k, v in kit.image_proj.items()} | {f"ip_adapter.{k}": v for k, v in ip.items()}
+    save_file({k: v.contiguous() for k, v in flat.items()}, folder / "ip-adapter-plus-face_sd15.safetensors")
+    return folder, kit.image_proj, ip
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_init_from_ip_adapter_plus_face_starts_as_ip_adapter_plus_face(ip_adapter_files, suffix):
+    folder, image_proj, ip = ip_adapter_files
+    parts = load_frozen_parts(tiny=True)
+    reference = copy.deepcopy(parts.unet)
+    weights = read_initial_adapter(str(folder / f"ip-adapter-plus-face_sd15{suffix}")).complete(parts.unet, 32, 8, 0)
+    assert all(torch.equal(weights.image_proj[k], v) for k, v in image_proj.items())
+    for key, value in ip.items():
+        index, kv = key.split(".")[0], key.split(".")[1][3]
+        assert torch.equal(weights.face_adapter[f"{index}.to_{kv}_face.weight"], value)
+    ups = [v for k, v in weights.face_adapter.items() if k.endswith("_lora.up.weight")]
+    assert len(ups) == 4 * len(ip) // 2 and all(torch.count_nonzero(u) == 0 for u in ups)
+
+    model = _trainable(parts, weights)
+    reference._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}])  # diffusers' own
+    torch.manual_seed(1)
+    latents, text, faces = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 32), torch.randn(1, 1, 50, 32)
+    with torch.no_grad():
+        ours = model(latents, torch.tensor([300]), text, faces)
+        theirs = reference(
+            latents,
+            torch.tensor([300]),
+            encoder_hidden_states=text.repeat_interleave(3, dim=0),
+            added_cond_kwargs={"image_embeds": [faces]},
+        ).sample
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_an_id_animator_checkpoint_keeps_all_of_it(tiny_kit, tmp_path):
+    from idanimator.adapter import load_face_adapter_weights, save_face_adapter_weights
+
+    kit = load_face_adapter_weights(tiny_kit["face_adapter"])
+    ours = save_face_adapter_weights(kit, tmp_path / "adapter.safetensors")
+    parts = load_frozen_parts(tiny=True)
+    for path in (tiny_kit["face_adapter"], ours):  # the release's layout and ours
+        weights = read_initial_adapter(str(path)).complete(parts.unet, 32, 128, 0)
+        assert weights.image_proj.keys() == kit.image_proj.keys()
+        assert weights.face_adapter.keys() == kit.face_adapter.keys()  # the LoRA too, at its own rank
+        assert all(torch.equal(weights.face_adapter[k], v) for k, v in kit.face_adapter.items())
+
+
+def test_a_bad_init_file_is_one_sentence(tmp_path, data_dir, capsys):
+    junk = tmp_path / "adapter.safetensors"
+    junk.write_bytes(b"not a checkpoint at all")
+    args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--init-adapter", str(junk)]
+    assert main([*args, *TINY_RUN]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --init-adapter") and "\n" not in err
+
+
+# -- the train command ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir, tiny_kit):
+    """`train --max-steps 3` (checkpoints at 2 and 3, validation videos at 2), with the frozen parts' tensors
+    recorded as they were loaded."""
+    out = tmp_path_factory.mktemp("run")
+    seen = {}
+
+    def recording(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        seen["parts"] = parts
+        seen["before"] = {n: copy.deepcopy(m.state_dict()) for n, m in parts.modules().items()}
+        return parts
+
+    real = loop.load_frozen_parts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "load_frozen_parts", recording)
+        args = ["--max-steps", "3", "--save-every", "2", "--validate-every", "2", "--validation-steps", "2"]
+        assert main(["train", "--data", str(data_dir), "--out", str(out), *TINY_RUN, *args]) == 0
+    return out, seen
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_logs_a_finite_loss_every_step(trained):
+    out, _ = trained
+    steps = [r for r in _log(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in steps)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard, through accelerate's tracker
+    assert sorted(p.name for p in (out / "validation" / "step-000002").glob("*.mp4")) == ["a.mp4", "b.mp4"]
+    assert "FlowMagnitude" in next(r for r in _log(out) if "validation" in r)["validation"]  # eval's motion metric
+
+
+def test_only_the_adapter_changes(trained):
+    out, seen = trained
+    for name, module in seen["parts"].modules().items():
+        now = module.state_dict()
+        for key, before in seen["before"][name].items():
+            assert torch.equal(now[key], before), f"{name}.{key} changed"
+    from idanimator.adapter import load_face_adapter_weights
+
+    start = load_face_adapter_weights(seen["parts"].tiny_adapter)
+    end = load_face_adapter_weights(out / "animator.ckpt")
+    changed = [k for k, v in end.face_adapter.items() if not torch.equal(v, start.face_adapter[k])]
+    assert len(changed) == len(end.face_adapter)  # every LoRA and face key/value tensor learned
+    assert not torch.equal(end.image_proj["latents"], start.image_proj["latents"])
+
+
+def test_the_trained_checkpoint_loads_in_the_pipeline_and_changes_the_video(trained, tiny_pipe, astronaut):
+    from idanimator.pipeline import IDAnimatorPipeline
+
+    out, _ = trained
+    assert (out / "checkpoints" / "step-000002" / "animator.ckpt").is_file()
+    pipe = IDAnimatorPipeline.from_pretrained(
+        tiny=True, face_adapter=out / "animator.ckpt", device="cpu", detector=tiny_pipe.detector
+    )
+    settings = {**TINY_SETTINGS, "seed": 5, "id_scale": 1.0}
+    crop = tiny_pipe.prepare_faces([astronaut])
+    trained_video = pipe(crop, "a person", **settings).frames
+    initial_video = tiny_pipe(crop, "a person", **settings).frames
+    assert np.isfinite(trained_video).all()
+    assert np.abs(trained_video - initial_video).max() > 1e-4
+
+
+def test_resuming_from_step_2_gives_the_uninterrupted_runs_adapter(trained, data_dir, tmp_path):
+    out, _ = trained
+    resumed = tmp_path / "resumed"
+    args = ["--max-steps", "3", "--save-every", "2", "--resume", str(out / "checkpoints" / "step-000002")]
+    assert main(["train", "--data", str(data_dir), "--out", str(resumed), *TINY_RUN, *args]) == 0
+    assert [r["step"] for r in _log(resumed)] == [3]  # it continued at step 2
+    assert _log(resumed)[0]["loss"] == [r for r in _log(out) if "loss" in r][-1]["loss"]
+    uninterrupted, continued = load_file(out / "adapter.safetensors"), load_file(resumed / "adapter.safetensors")
+    assert continued.keys() == uninterrupted.keys()
+    assert all(torch.equal(continued[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_resuming_with_other_settings_is_one_sentence(trained, data_dir, tmp_path, capsys):
+    out, _ = trained
+    args = ["--resume", str(out), "--out", str(tmp_path / "run"), "--max-steps", "4"]
+    assert main(["train", "--data", str(data_dir), *TINY_RUN[:-2], "--seed", "4", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: The checkpoint was trained with --seed 3, this run has 4; resume with the same settings."
