@@ -69,7 +69,12 @@ LAYERS = {
     "pipeline": 6,
     "service": 7,
     "studio": 8,
-    "cli": 9,
+    "cli": 9.5,  # the package assembles the commands' parsers
+    "cli.common": 8.5,
+    "cli.generate": 9,
+    "cli.measure": 9,
+    "cli.data": 9,
+    "cli.weights": 9,
     "__main__": 10,
     "__init__": 10,  # the package: lazy re-exports of the public API
 }

@@ -1,0 +1,171 @@
+"""`generate`: one video, or a batch (photos x prompts x seeds) in the layout `eval` reads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .. import registry
+from .. import settings as limits
+from ..console import quiet_loading_bars
+from ..errors import IDAnimatorError
+from ..prompts import DEFAULT_NEGATIVE_PROMPT
+from ..settings import OFFLOAD_MODES
+from .common import DETECTORS, HelpWithDefaults
+
+_BATCH_FLAGS = ("faces_dir", "prompts", "out_dir")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if any(getattr(args, flag) is not None for flag in _BATCH_FLAGS):
+        return _generate_batch(args)
+    if args.face is None or args.prompt is None or args.out is None:
+        raise IDAnimatorError(
+            "generate needs --face, --prompt and --out (or --faces-dir, --prompts and --out-dir for a batch)."
+        )
+    from ..settings import GenerationSettings
+    from ..video import check_output_path, save_video
+
+    # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
+    settings = GenerationSettings.taken_from(args).validate()
+    fps = limits.FPS.check(args.fps)
+    check_output_path(args.out)
+
+    from ..face import crop_face, get_detector
+    from ..service import out_of_memory_guard
+
+    quiet_loading_bars()
+    detector = get_detector(args.detector)
+    crops = [crop_face(face, detector) for face in args.face]
+    pipe = _load_pipeline(args, detector)
+    with out_of_memory_guard():
+        result = pipe(crops, **settings.as_dict())
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    out = save_video(result.frames, args.out, fps=fps)
+    print(f"seed: {result.seed}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    from ..eval.batch import face_photos, parse_seeds, plan, read_prompts, run_batch, still_to_make, write_manifest
+    from ..settings import GenerationSettings
+
+    if any(getattr(args, flag) is not None for flag in ("face", "prompt", "out", "seed")):
+        raise IDAnimatorError("A batch (--faces-dir, --prompts, --out-dir) takes no --face, --prompt, --out or --seed.")
+    missing = [f"--{flag.replace('_', '-')}" for flag in _BATCH_FLAGS if getattr(args, flag) is None]
+    if missing:
+        raise IDAnimatorError(f"A batch also needs {' and '.join(missing)}.")
+    # Cheap checks first: every prompt, setting and photo is checked before the model loads.
+    prompts = read_prompts(args.prompts)
+    base = GenerationSettings.taken_from(args)
+    settings = [replace(base, prompt=prompt, seed=None).validate() for prompt in prompts][0]
+    fps = limits.FPS.check(args.fps)
+    jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
+    todo = still_to_make(jobs, args.out_dir, args.overwrite)
+    write_manifest(jobs, settings, args.out_dir, fps)
+    if todo:
+        from ..face import crop_face, get_detector
+
+        quiet_loading_bars()
+        detector = get_detector(args.detector)
+        crops = {photo: crop_face(photo, detector) for photo in dict.fromkeys(job.face for job in todo)}
+        run_batch(_load_pipeline(args, detector), todo, crops, settings, args.out_dir, fps=fps)
+    kept = len(jobs) - len(todo)
+    kept_note = f", kept {kept} already there (--overwrite makes them anew)" if kept else ""
+    print(f"wrote {len(todo)} videos to {args.out_dir}{kept_note}")
+    return 0
+
+
+def _load_pipeline(args: argparse.Namespace, detector):
+    import torch
+
+    from ..pipeline import IDAnimatorPipeline
+
+    dtype = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    pipe = IDAnimatorPipeline.from_pretrained(
+        args.backbone,
+        face_adapter=args.adapter,
+        motion_adapter=args.motion_adapter,
+        image_encoder=args.image_encoder,
+        base=args.base,
+        device=args.device,
+        dtype=dtype,
+        offload=args.offload,
+        tiny=args.tiny,
+        detector=detector,
+    )
+    if pipe.pipe._execution_device.type == "cpu" and not args.tiny:
+        print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
+    return pipe
+
+
+def add_parser(sub) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="make a video of the person in the photo(s)",
+        formatter_class=HelpWithDefaults,
+    )
+    gen.add_argument(
+        "--face",
+        action="append",
+        metavar="PHOTO",
+        help="a photo of the face; repeat to mix several photos into one identity",
+    )
+    gen.add_argument("--prompt")
+    gen.add_argument(
+        "--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="the release's by default: %(default).48s..."
+    )
+    gen.add_argument("--out", type=Path, help=".mp4, .gif, or a folder for PNG frames")
+    gen.add_argument(
+        "--backbone",
+        default=None,
+        help=f"a registry name ({', '.join(registry.BACKBONES)}; default {registry.DEFAULT_BACKBONE}), "
+        "a Hub id, or a local folder/file",
+    )
+    gen.add_argument("--adapter", default=None, help="face adapter: animator.ckpt or .safetensors path")
+    gen.add_argument("--motion-adapter", default=None, help="diffusers MotionAdapter folder or Hub id")
+    gen.add_argument("--image-encoder", default=None, help="CLIP vision folder or Hub id")
+    gen.add_argument("--base", default=None, help="SD1.5 diffusers folder (configs for single-file backbones)")
+    gen.add_argument("--seed", type=int, default=None, help="default: a random seed, printed")
+    for flag, dest, limit in (  # dest: the GenerationSettings field each flag sets
+        ("--frames", "num_frames", limits.FRAMES),
+        ("--steps", "steps", limits.STEPS),
+        ("--guidance", "guidance_scale", limits.GUIDANCE),
+        ("--id-scale", "id_scale", limits.ID_SCALE),
+        ("--height", "height", limits.HEIGHT),
+        ("--width", "width", limits.WIDTH),
+        ("--fps", "fps", limits.FPS),
+    ):
+        kind = int if limit.whole else float
+        gen.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            default=limit.default,
+            metavar="N" if limit.whole else "X",
+            help=f"{limit.low:g}-{limit.high:g}",
+        )
+    gen.add_argument(
+        "--no-prompt-suffix",
+        dest="add_prompt_suffix",
+        action="store_false",
+        help="do not append the release's quality words to the prompts",
+    )
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
+    gen.add_argument("--offload", choices=OFFLOAD_MODES, default="none")
+    gen.add_argument("--detector", choices=DETECTORS, default="auto")
+    gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
+    batch = gen.add_argument_group(
+        "batch mode", "every photo x every prompt x every seed, written as OUT_DIR/FACE--pNN--sSEED.mp4 + .txt"
+    )
+    batch.add_argument("--faces-dir", type=Path, metavar="DIR", help="a folder of face photos (one identity each)")
+    batch.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt a line (# comments), or a JSON list")
+    batch.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds")
+    batch.add_argument("--out-dir", type=Path, metavar="DIR", help="the videos folder (what eval --videos reads)")
+    batch.add_argument("--overwrite", action="store_true", help="make videos already in --out-dir anew")
+    gen.set_defaults(run=_generate)

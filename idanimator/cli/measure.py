@@ -1,0 +1,85 @@
+"""`eval`: measure a folder of videos (identity, prompt and motion metrics)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import registry
+from ..errors import IDAnimatorError
+from .common import DETECTORS, HelpWithDefaults
+
+CLIP_DEFAULT = f"{registry.EVAL_CLIP.repo_id} from the Hugging Face cache"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..eval.clipmetrics import check_clip_folder
+    from ..eval.runner import EvalOptions, evaluate
+    from ..eval.spec import parse_metrics
+
+    # Cheap checks first: a misspelt metric or path is reported before any model loads.
+    metrics = parse_metrics(args.metrics)
+    if args.clip is not None:
+        check_clip_folder(args.clip)
+    for flag, path in (("--curricularface", args.curricularface), ("--insightface-root", args.insightface_root)):
+        if path is not None and not path.expanduser().exists():
+            raise IDAnimatorError(f"The path given to {flag}, {path}, does not exist.")
+    options = EvalOptions(
+        metrics=metrics,
+        device=args.device,
+        detector=args.detector,
+        clip=args.clip,
+        curricularface=args.curricularface,
+        insightface_root=args.insightface_root,
+        arcface_pack=args.arcface_pack,
+        prompts=args.prompts,
+    )
+    summary = evaluate(args.videos, args.faces, args.out, options, progress=not args.no_progress)
+    for key in summary["columns"]:
+        value = summary[key]
+        print(f"{key:<18} {'n/a' if value is None else format(value, '.4g')}")
+    counts = summary["counts"]
+    print(f"measured {counts['measured']} of {counts['videos']} videos; wrote {args.out / 'summary.json'}")
+    if counts["measured"] == 0:
+        raise IDAnimatorError(f"None of the {counts['videos']} videos could be read; see the warnings above.")
+    return 0
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="measure videos: identity, prompt and motion metrics (ConsisID's protocol)",
+        formatter_class=HelpWithDefaults,
+        description="Pairs VIDEOS/NAME.mp4 with FACES/NAME.png|jpg|jpeg|webp (or FACES/FACE.* for a batch's "
+        "FACE--pNN--sSEED names) and its prompt (VIDEOS/NAME.txt or VIDEOS/prompts.json), and writes "
+        "summary.json, summary.md and plots into OUT.",
+    )
+    ev.add_argument("--videos", required=True, type=Path, metavar="DIR", help="a folder of NAME.mp4 videos")
+    ev.add_argument("--faces", required=True, type=Path, metavar="DIR", help="a folder of reference photos")
+    ev.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the report is written")
+    ev.add_argument(
+        "--metrics",
+        default="all",
+        help="comma-separated metric names (FaceSim-Arc, FaceSim-Cur, FaceSim-dlib, CLIPScore, CLIP-Temporal, "
+        "CLIPDist, DynamicDegree, FlowMagnitude) or groups (face, clip, motion, all)",
+    )
+    ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    ev.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="auto",
+        help="finds the faces for every face metric (auto: insightface's buffalo_l when installed)",
+    )
+    ev.add_argument(
+        "--clip", type=Path, default=None, metavar="DIR", help="a CLIP folder (default: " + CLIP_DEFAULT + ")"
+    )
+    ev.add_argument("--curricularface", type=Path, default=None, metavar="FILE", help="CurricularFace IR-101 weights")
+    ev.add_argument(
+        "--insightface-root", type=Path, default=None, metavar="DIR", help="holds models/antelopev2 or models/buffalo_l"
+    )
+    ev.add_argument(
+        "--arcface-pack", choices=["antelopev2", "buffalo_l"], default=None, help="default: antelopev2, else buffalo_l"
+    )
+    ev.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="a JSON {name: prompt} file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(run=_eval)

@@ -1,0 +1,77 @@
+"""`download`, `convert-checkpoint`, `make-tiny`, `backbones`: the weights and the tiny kit."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import registry
+
+
+def _download(args: argparse.Namespace) -> int:
+    from ..weights import describe, resolve
+
+    wanted = [
+        ("face adapter", registry.FACE_ADAPTER),
+        ("motion adapter", registry.MOTION_ADAPTER),
+        ("image encoder", registry.IMAGE_ENCODER),
+        ("SD1.5 base model", registry.BASE_MODEL),
+    ]
+    names = list(registry.BACKBONES) if args.all_backbones else args.backbone or [registry.DEFAULT_BACKBONE]
+    wanted += [(f"backbone {name}", name) for name in names]
+    for what, source in wanted:
+        shown = describe(source if not isinstance(source, str) else registry.BACKBONES[source].source)
+        print(f"{what}: {shown}")
+        print(f"  -> {resolve(source, what=what)}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..adapter import load_face_adapter_weights, save_face_adapter_weights
+
+    weights = load_face_adapter_weights(args.input)
+    out = save_face_adapter_weights(weights, args.output)
+    print(
+        f"wrote {out} ({len(weights.image_proj)} image_proj + {len(weights.face_adapter)} face_adapter tensors, "
+        f"{weights.num_parameters():,} parameters)"
+    )
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from ..testing import build_tiny_kit
+
+    if (args.dir / "kit.json").is_file() and not args.force:
+        print(f"A tiny kit is already in {args.dir}; nothing was rebuilt (--force rebuilds it).")
+    for name, path in build_tiny_kit(args.dir, force=args.force).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from ..weights import describe
+
+    for name, backbone in registry.BACKBONES.items():
+        default = " (default)" if name == registry.DEFAULT_BACKBONE else ""
+        print(f"{name}{default}: {backbone.label} - {describe(backbone.source)}, {backbone.size}, {backbone.licence}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    dl = sub.add_parser("download", help="prefetch the weights into the Hugging Face cache")
+    dl.add_argument("--backbone", action="append", help="a backbone to fetch (default: the release's)")
+    dl.add_argument("--all-backbones", action="store_true")
+    dl.set_defaults(run=_download)
+
+    conv = sub.add_parser("convert-checkpoint", help="write animator.ckpt as a .safetensors file")
+    conv.add_argument("input", type=Path)
+    conv.add_argument("output", type=Path)
+    conv.set_defaults(run=_convert)
+
+    tiny = sub.add_parser("make-tiny", help="build the tiny random model kit in a folder")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--force", action="store_true")
+    tiny.set_defaults(run=_make_tiny)
+
+    bb = sub.add_parser("backbones", help="list the registry's community backbones")
+    bb.set_defaults(run=_backbones)
