@@ -75,7 +75,7 @@ class BuildReport:
     manifest: Path | None = None
 
     def summary(self) -> str:
-        line = f"{self.new_clips} new clips, {self.done_clips} already done, from {self.videos} videos"
+        line = f"{self.new_clips} new clips, {self.done_clips} already done, from {_count(self.videos, 'video')}"
         if self.skipped:
             line += f" ({len(self.skipped)} skipped)"
         return f"{line}; wrote {self.manifest}"
@@ -334,3 +334,7 @@ def build_dataset(videos: Path, out: Path, options: BuildOptions | None = None, 
     records = [ClipRecord.from_dict(data) for data in finished if data is not None]
     report.manifest = write_manifest(out, records)
     return report
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -181,7 +181,7 @@ def train(config: TrainConfig, say=print) -> TrainResult:
     if main:  # the run's result beside its checkpoints (the resumed weights when nothing was left to train)
         ckpt.save_adapter(accelerator.unwrap_model(model).adapter.to_weights(), config.out)
     accelerator.end_training()
-    say(f"step {step}: loss {loss_value if loss_value is not None else 'n/a'}; wrote {adapter_path}")
+    say(f"step {step}: loss {'n/a' if loss_value is None else format(loss_value, '.4g')}; wrote {adapter_path}")
     return TrainResult(step=step, adapter=adapter_path, loss=loss_value)
 
 
