@@ -92,6 +92,25 @@ def test_out_of_range_numbers_are_one_line_naming_the_setting(capsys, tmp_path, 
 
 
 @pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--control-image", "x.png"], "--control-image and --control-video need --control KIND"),
+        (["--control", "sparse-sketch"], "The sparse-sketch control needs at least one control image"),
+        (["--control", "canny"], "The canny control needs a driving video"),
+        (["--control", "canny", "--control-video", "missing.mp4"], "The control video missing.mp4 does not exist"),
+        (["--control", "sparse-rgb", "--control-image", "{face}@8"], "A control image is placed at frame 8, outside"),
+        (["--control", "sparse-rgb", "--control-image", "{face}", "--control-strength", "3"], "The control strength"),
+        (["--lora", "style.safetensors:9"], "A LoRA's weight must be between -2 and 2"),
+    ],
+)
+def test_options_beyond_the_release_are_checked_before_loading(capsys, tmp_path, astronaut_path, extra, named):
+    extra = [part.replace("{face}", str(astronaut_path)) for part in extra]
+    code, _, err = tiny_generate(capsys, tmp_path, astronaut_path, "--frames", "8", *extra)
+    assert code == 1 and err.startswith(f"error: {named}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out.gif").exists()
+
+
+@pytest.mark.parametrize(
     "out, message",
     [
         ("video.avi", "Cannot save a video as video.avi"),
@@ -117,7 +136,8 @@ def test_generate_help_shows_the_release_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = capsys.readouterr().out
-    for shown in ("--frames N", "(default: 16)", "(default: 30)", "(default: 8.0)", "(default: 0.8)", "deformed iris"):
+    shown_defaults = ("(default: 16)", "(default: 30; 6 with --fast)", "(default: 8; 1.5 with --fast)", "(default: 0.8)")
+    for shown in ("--frames N", *shown_defaults, "deformed iris"):
         assert shown in text
     with pytest.raises(SystemExit):
         main(["--help"])

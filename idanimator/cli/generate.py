@@ -11,6 +11,7 @@ from .. import registry
 from .. import settings as limits
 from ..console import quiet_loading_bars
 from ..errors import IDAnimatorError
+from ..extras.spec import CONTROL_KINDS, CONTROL_STRENGTH, FAST_GUIDANCE, FAST_STEPS
 from ..prompts import DEFAULT_NEGATIVE_PROMPT
 from ..settings import OFFLOAD_MODES
 from .common import DETECTORS, HelpWithDefaults
@@ -29,7 +30,9 @@ def _generate(args: argparse.Namespace) -> int:
     from ..video import check_output_path, save_video
 
     # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
+    _fill_mode_defaults(args)
     settings = GenerationSettings.taken_from(args).validate()
+    extras = extras_from_args(args).validate(settings.num_frames)
     fps = limits.FPS.check(args.fps)
     check_output_path(args.out)
 
@@ -41,13 +44,37 @@ def _generate(args: argparse.Namespace) -> int:
     crops = [crop_face(face, detector) for face in args.face]
     pipe = _load_pipeline(args, detector)
     with out_of_memory_guard():
-        result = pipe(crops, **settings.as_dict())
+        result = pipe(crops, **settings.as_dict(), extras=extras)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = save_video(result.frames, args.out, fps=fps)
     print(f"seed: {result.seed}")
     print(f"wrote {out}")
     return 0
+
+
+def _fill_mode_defaults(args: argparse.Namespace) -> None:
+    """Steps and guidance not given: the release's, or the fast mode's own."""
+    from ..extras.spec import FAST_GUIDANCE, FAST_STEPS
+
+    if args.steps is None:
+        args.steps = FAST_STEPS if args.fast else limits.STEPS.default
+    if args.guidance_scale is None:
+        args.guidance_scale = FAST_GUIDANCE if args.fast else limits.GUIDANCE.default
+
+
+def extras_from_args(args: argparse.Namespace):
+    """The options beyond the release, as the library takes them (not validated yet)."""
+    from ..extras.spec import ControlSpec, Extras, KeyFrame, LoraSpec
+
+    control = None
+    if args.control is not None:
+        keyframes = tuple(KeyFrame.parse(text) for text in args.control_image or ())
+        control = ControlSpec(args.control, keyframes, args.control_video, args.control_strength)
+    elif args.control_image or args.control_video:
+        raise IDAnimatorError("--control-image and --control-video need --control KIND.")
+    loras = tuple(LoraSpec.parse(text) for text in args.lora or ())
+    return Extras(loras=loras, free_init=args.free_init, fast=args.fast, control=control)
 
 
 def _generate_batch(args: argparse.Namespace) -> int:
@@ -60,9 +87,11 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if missing:
         raise IDAnimatorError(f"A batch also needs {' and '.join(missing)}.")
     # Cheap checks first: every prompt, setting and photo is checked before the model loads.
+    _fill_mode_defaults(args)
     prompts = read_prompts(args.prompts)
     base = GenerationSettings.taken_from(args)
     settings = [replace(base, prompt=prompt, seed=None).validate() for prompt in prompts][0]
+    extras = extras_from_args(args).validate(settings.num_frames)
     fps = limits.FPS.check(args.fps)
     jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
     todo = still_to_make(jobs, args.out_dir, args.overwrite)
@@ -73,7 +102,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
         quiet_loading_bars()
         detector = get_detector(args.detector)
         crops = {photo: crop_face(photo, detector) for photo in dict.fromkeys(job.face for job in todo)}
-        run_batch(_load_pipeline(args, detector), todo, crops, settings, args.out_dir, fps=fps)
+        run_batch(_load_pipeline(args, detector), todo, crops, settings, args.out_dir, fps=fps, extras=extras)
     kept = len(jobs) - len(todo)
     kept_note = f", kept {kept} already there (--overwrite makes them anew)" if kept else ""
     print(f"wrote {len(todo)} videos to {args.out_dir}{kept_note}")
@@ -141,13 +170,15 @@ def add_parser(sub) -> None:
         ("--fps", "fps", limits.FPS),
     ):
         kind = int if limit.whole else float
+        fast = {"steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE}.get(dest)
         gen.add_argument(
             flag,
             dest=dest,
             type=kind,
-            default=limit.default,
+            default=None if fast is not None else limit.default,
             metavar="N" if limit.whole else "X",
-            help=f"{limit.low:g}-{limit.high:g}",
+            help=f"{limit.low:g}-{limit.high:g}"
+            + (f" (default: {limit.default:g}; {fast:g} with --fast)" if fast is not None else ""),
         )
     gen.add_argument(
         "--no-prompt-suffix",
@@ -160,6 +191,18 @@ def add_parser(sub) -> None:
     gen.add_argument("--offload", choices=OFFLOAD_MODES, default="none")
     gen.add_argument("--detector", choices=DETECTORS, default="auto")
     gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
+    more = gen.add_argument_group("beyond the release", "each works with the face adapter on")
+    more.add_argument("--fast", action="store_true", help="AnimateLCM: 4-8 steps instead of 30")
+    more.add_argument("--free-init", action="store_true", help="FreeInit: steadier motion, 3x the denoising time")
+    more.add_argument(
+        "--lora", action="append", metavar="PATH_OR_ID[:WEIGHT]", help="a style LoRA for SD1.5 (repeatable)"
+    )
+    more.add_argument("--control", choices=CONTROL_KINDS, help="structure control: keyframes or a driving video")
+    more.add_argument(
+        "--control-image", action="append", metavar="PATH[@FRAME]", help="a SparseCtrl keyframe (repeatable)"
+    )
+    more.add_argument("--control-video", metavar="PATH", help="the driving video of openpose, depth or canny")
+    more.add_argument("--control-strength", type=float, default=CONTROL_STRENGTH.default, metavar="X", help="0-2")
     batch = gen.add_argument_group(
         "batch mode", "every photo x every prompt x every seed, written as OUT_DIR/FACE--pNN--sSEED.mp4 + .txt"
     )

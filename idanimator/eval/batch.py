@@ -125,9 +125,11 @@ def run_batch(
     out: Path,
     *,
     fps: int,
+    extras=None,
     say: Callable[[str], None] | None = None,
 ) -> int:
-    """Make each job's video and prompt file with one loaded pipeline; returns how many were written."""
+    """Make each job's video and prompt file with one loaded pipeline; returns how many were written.
+    ``extras``: the same options beyond the release for every video (:class:`idanimator.extras.spec.Extras`)."""
     from tqdm import tqdm
 
     from ..service import out_of_memory_guard
@@ -137,7 +139,8 @@ def run_batch(
     out = ensure_folder(Path(out).expanduser())
     for job in tqdm(jobs, desc="generating", unit="video", file=sys.stderr):
         with out_of_memory_guard():
-            result = pipe(crops[job.face], **replace(settings, prompt=job.prompt, seed=job.seed).validate().as_dict())
+            job_settings = replace(settings, prompt=job.prompt, seed=job.seed).validate()
+            result = pipe(crops[job.face], **job_settings.as_dict(), extras=extras)
         for warning in result.warnings:
             say(f"warning: {job.name}: {warning}")
         with atomic_path(out / f"{job.name}.txt") as temp:

@@ -14,6 +14,9 @@ from ..settings import Limit
 
 LORA_WEIGHT = Limit("A LoRA's weight", -2.0, 2.0, 1.0, step=0.05, whole=False)
 CONTROL_STRENGTH = Limit("The control strength", 0.0, 2.0, 1.0, step=0.05, whole=False)
+# The fast mode's own defaults (AnimateLCM: 4-8 LCM steps, guidance 1-2), used where a request sets none.
+FAST_STEPS = 6
+FAST_GUIDANCE = 1.5
 
 SPARSE_KINDS = ("sparse-sketch", "sparse-rgb")  # SparseCtrl: keyframe images at chosen frames
 VIDEO_KINDS = ("openpose", "depth", "canny")  # ControlNet: one condition frame per video frame
