@@ -393,6 +393,31 @@ def test_eval_user_errors_are_one_sentence(capsys, eval_folder, tmp_path, change
     assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
+def test_an_interrupted_eval_keeps_what_it_measured(capsys, eval_folder, tmp_path, monkeypatch):
+    """Ctrl-C on the third video: summary.json already holds the first two (the rows measured so far)."""
+    from idanimator.eval import runner
+
+    measured = []
+
+    def then_interrupted(item, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(item.name)
+        return real(item, *args)
+
+    real = runner.evaluate_item
+    monkeypatch.setattr(runner, "evaluate_item", then_interrupted)
+    out_dir = tmp_path / "report"
+    videos, faces = str(eval_folder / "videos"), str(eval_folder / "faces")
+    code, _, err = run(
+        capsys, "eval", "--videos", videos, "--faces", faces, "--out", str(out_dir), "--metrics", "motion"
+    )
+    assert code == 130 and err.strip().endswith("interrupted")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [row["name"] for row in summary["videos"]] == measured
+    assert summary["notes"] == ["partial: 2 of 4 videos measured so far"]
+
+
 def test_eval_of_an_empty_folder_is_one_sentence(capsys, tmp_path):
     (tmp_path / "videos").mkdir()
     (tmp_path / "faces").mkdir()

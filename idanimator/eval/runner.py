@@ -241,12 +241,6 @@ def evaluate(
     keys = columns(options.metrics)
     models = load_models(options, device, say)
     references = _References(models)
-    rows = []
-    for item in tqdm(items, desc="evaluating", unit="video", disable=not progress, file=sys.stderr):
-        row = evaluate_item(item, models, references, keys)
-        for problem in ([row["error"]] if row["error"] else []) + row["warnings"]:
-            say(f"warning: {item.name}: {problem.rstrip('.')}.")
-        rows.append(row)
     setup = {
         "protocol": PROTOCOL,
         "frames_sampled": NUM_SAMPLED_FRAMES,
@@ -254,6 +248,17 @@ def evaluate(
         "device": device,
         "date": datetime.date.today().isoformat(),
     }
-    summary = summarize(rows, keys, models, {k: v for k, v in setup.items() if v is not None})
+    setup = {k: v for k, v in setup.items() if v is not None}
+    rows = []
+    for item in tqdm(items, desc="evaluating", unit="video", disable=not progress, file=sys.stderr):
+        row = evaluate_item(item, models, references, keys)
+        for problem in ([row["error"]] if row["error"] else []) + row["warnings"]:
+            say(f"warning: {item.name}: {problem.rstrip('.')}.")
+        rows.append(row)
+        if len(rows) < len(items):  # an interrupted run keeps what it measured (written atomically)
+            partial = summarize(rows, keys, models, setup)
+            partial["notes"].append(f"partial: {len(rows)} of {len(items)} videos measured so far")
+            report.write_json(partial, out)
+    summary = summarize(rows, keys, models, setup)
     report.write_all(summary, out)
     return summary
