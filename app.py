@@ -37,6 +37,7 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
     parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
+    parser.add_argument("--lora-dir", default=None, help="style LoRAs offered by name: NAME.safetensors files")
     return parser
 
 
@@ -59,6 +60,7 @@ from idanimator import registry
 from idanimator import settings as limits
 from idanimator.console import quiet_loading_bars
 from idanimator.errors import IDAnimatorError
+from idanimator.extras.spec import CONTROL_STRENGTH, FAST_GUIDANCE, FAST_STEPS, LORA_WEIGHT
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
 from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
 
@@ -79,6 +81,14 @@ UNEXPECTED = "Something went wrong while making the video ({}); the server is fi
 MESSAGE_SECONDS = 6
 RESOLUTIONS = {"512x512": (512, 512), "512x768 (portrait)": (768, 512), "768x512 (landscape)": (512, 768)}
 TINY_RESOLUTIONS = {"64x64 (tiny)": (64, 64), "64x96 (tiny)": (96, 64)}
+CONTROL_CHOICES = [
+    ("None", ""),
+    ("Sketch keyframes (SparseCtrl)", "sparse-sketch"),
+    ("Image keyframes (SparseCtrl)", "sparse-rgb"),
+    ("Pose from a video (OpenPose ControlNet)", "openpose"),
+    ("Depth from a video (depth ControlNet)", "depth"),
+    ("Edges from a video (canny ControlNet)", "canny"),
+]
 TINY_BACKBONE_LABELS = {"tiny": "Tiny random model (folder)", "tiny-single-file": "Tiny random model (single file)"}
 
 _studio: Studio | None = None
@@ -209,6 +219,91 @@ def run_on_gpu(job: Job):
         yield "failed", UNEXPECTED.format(type(exc).__name__)
 
 
+def _request(
+    files,
+    prompt,
+    negative_prompt,
+    add_suffix,
+    backbone,
+    custom_backbone,
+    seed,
+    randomize,
+    id_scale,
+    frames,
+    steps,
+    guidance,
+    fps,
+    resolution,
+    fast,
+    free_init,
+    loras,
+    lora_weight,
+    control,
+    control_images,
+    control_frames,
+    control_video,
+    control_strength,
+) -> Request:
+    """The page's inputs (in the order of `inputs` in build_demo) as the studio's request."""
+    presets = resolutions(studio())
+    if resolution not in presets:
+        raise _error(f"Resolution must be one of {', '.join(presets)}.")
+    height, width = presets[resolution]
+    return Request(
+        faces=_paths(files),
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or "",
+        add_prompt_suffix=bool(add_suffix),
+        backbone=backbone or "",
+        custom_backbone=custom_backbone or "",
+        seed=None if randomize else seed,
+        id_scale=id_scale,
+        num_frames=frames,
+        steps=steps,
+        guidance_scale=guidance,
+        fps=fps,
+        height=height,
+        width=width,
+        fast=bool(fast),
+        free_init=bool(free_init),
+        loras=list(loras or []),
+        lora_weight=lora_weight,
+        control=control or "",
+        control_images=_paths(control_images),
+        control_frames=control_frames or "",
+        control_video=_paths([control_video])[0] if control_video else None,
+        control_strength=control_strength,
+    )
+
+
+def show_control(*values):
+    """The conditioning the control would feed the model, or a sentence saying what is wrong."""
+    try:
+        images = studio().preview_control(_request(*values))
+    except IDAnimatorError as exc:
+        return [], f"- {html.escape(str(exc))}"
+    return [(image, image.info.get("caption", "")) for image in images], ""
+
+
+def show_estimate(*values):
+    """Before a run: how long it will take, from the speed of this server's last video."""
+    try:
+        seconds = studio().estimate_seconds(_request(*values))
+    except (IDAnimatorError, gr.Error):
+        return ""
+    if seconds is None:
+        return "The time estimate appears after this server's first video."
+    shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return f"Estimated denoising time: about {shown} (from the speed of the last video here)."
+
+
+def fast_defaults(fast):
+    """Fast mode's own steps and guidance, or the release's when it is turned off."""
+    if fast:
+        return gr.update(value=FAST_STEPS), gr.update(value=FAST_GUIDANCE)
+    return gr.update(value=limits.STEPS.default), gr.update(value=limits.GUIDANCE.default)
+
+
 def generate(
     files,
     prompt,
@@ -224,6 +319,15 @@ def generate(
     guidance,
     fps,
     resolution,
+    fast,
+    free_init,
+    loras,
+    lora_weight,
+    control,
+    control_images,
+    control_frames,
+    control_video,
+    control_strength,
     history,
     request: gr.Request,
     progress=gr.Progress(),
@@ -234,25 +338,30 @@ def generate(
     """
     skip = gr.update()
     history = list(history or [])
-    presets = resolutions(studio())
-    if resolution not in presets:
-        raise _error(f"Resolution must be one of {', '.join(presets)}.")
-    height, width = presets[resolution]
-    request = Request(
-        faces=_paths(files),
-        prompt=prompt or "",
-        negative_prompt=negative_prompt or "",
-        add_prompt_suffix=bool(add_suffix),
-        backbone=backbone or "",
-        custom_backbone=custom_backbone or "",
-        seed=None if randomize else seed,
-        id_scale=id_scale,
-        num_frames=frames,
-        steps=steps,
-        guidance_scale=guidance,
-        fps=fps,
-        height=height,
-        width=width,
+    request = _request(
+        files,
+        prompt,
+        negative_prompt,
+        add_suffix,
+        backbone,
+        custom_backbone,
+        seed,
+        randomize,
+        id_scale,
+        frames,
+        steps,
+        guidance,
+        fps,
+        resolution,
+        fast,
+        free_init,
+        loras,
+        lora_weight,
+        control,
+        control_images,
+        control_frames,
+        control_video,
+        control_strength,
     )
     events = None
     try:
@@ -399,6 +508,45 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     resolution = gr.Radio(
                         list(resolutions(engine)), value=defaults["resolution"], label="Resolution (height x width)"
                     )
+                with gr.Accordion("Beyond the release: fast mode, FreeInit, style LoRAs", open=False, elem_id="more"):
+                    with gr.Row():
+                        fast = gr.Checkbox(label=f"Fast mode (AnimateLCM, {FAST_STEPS} steps)", elem_id="fast")
+                        free_init = gr.Checkbox(label="FreeInit (steadier motion, 3x the time)", elem_id="free-init")
+                    lora_names = list(engine.loras())
+                    loras = gr.Dropdown(
+                        lora_names,
+                        value=[],
+                        multiselect=True,
+                        label="Style LoRAs",
+                        visible=bool(lora_names),
+                        elem_id="loras",
+                    )
+                    lora_weight = slider(
+                        LORA_WEIGHT, 1.0, "LoRA weight", visible=bool(lora_names), elem_id="lora-weight"
+                    )
+                with gr.Accordion(
+                    "Control: sketch or image keyframes, pose, depth, edges", open=False, elem_id="control"
+                ):
+                    control = gr.Dropdown(CONTROL_CHOICES, value="", label="Control", elem_id="control-kind")
+                    control_images = gr.File(
+                        label="Keyframe images (sketch or image keyframes)",
+                        file_count="multiple",
+                        file_types=["image"],
+                        elem_id="control-images",
+                    )
+                    control_frames = gr.Textbox(
+                        label="Their frames, in upload order (e.g. 0, 15; empty: spread over the video)",
+                        elem_id="control-frames",
+                    )
+                    control_video = gr.File(
+                        label="Driving video (pose, depth or edges)", file_types=["video"], elem_id="control-video"
+                    )
+                    control_strength = slider(CONTROL_STRENGTH, 1.0, "Control strength", elem_id="control-strength")
+                    control_preview = gr.Gallery(
+                        label="What the control feeds the model", columns=4, height=170, elem_id="control-preview"
+                    )
+                    control_notes = gr.Markdown(elem_id="control-notes")
+                estimate = gr.Markdown(elem_id="estimate")
                 # The request's inputs, listed once: Generate sends them all, the examples fill the photos and
                 # the prompt (shown as a thumbnail of the photo and the prompt, just above Generate).
                 inputs = [
@@ -416,6 +564,15 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     guidance,
                     fps,
                     resolution,
+                    fast,
+                    free_init,
+                    loras,
+                    lora_weight,
+                    control,
+                    control_images,
+                    control_frames,
+                    control_video,
+                    control_strength,
                     history,
                 ]
                 examples = [  # public-domain / CC0 photos, see assets/README.md
@@ -484,6 +641,13 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
             history_table, history, table, queue=False, show_progress="hidden"
         )
         stop.click(stopped, None, seed_used, cancels=[event], api_name="stop", queue=False)
+        fast.change(fast_defaults, fast, [steps, guidance], queue=False, api_visibility="private")
+        request_inputs = inputs[:-1]  # all but the history
+        for widget in (control, control_images, control_frames, control_video, frames, resolution):
+            widget.change(show_control, request_inputs, [control_preview, control_notes], api_visibility="private")
+        for widget in (frames, steps, guidance, resolution, fast, free_init):
+            widget.change(show_estimate, request_inputs, estimate, queue=False, api_visibility="private")
+        event.then(show_estimate, request_inputs, estimate, queue=False, show_progress="hidden")
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
 
@@ -504,6 +668,7 @@ def main(args: argparse.Namespace | None = None) -> None:
         allow_custom_backbones=args.allow_custom_backbones,
         output_dir=Path(args.output_dir) if args.output_dir else None,
         max_outputs=args.max_outputs,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None,
         load_in_prepare=not ZERO_GPU,
     )
     try:

@@ -258,6 +258,9 @@ def _die_with_parent() -> None:
         pass
 
 
+NO_EXTRAS = (False, False, [], 1.0, "", [], "", None, 1.0)  # the page's options beyond the release, all off
+
+
 def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: dict, repeats: int, warm_up: bool):
     """The same request through each app over HTTP and as a bare library call, alternating."""
     from gradio_client import Client, handle_file
@@ -275,7 +278,17 @@ def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: d
     def over_http(client, seed: int) -> None:
         settings = (0.8, request["num_frames"], request["steps"], 8.0, FPS, resolution)
         outputs = client.predict(
-            [handle_file(str(photo))], PROMPT, "", True, "tiny", "", seed, False, *settings, api_name="/generate"
+            [handle_file(str(photo))],
+            PROMPT,
+            "",
+            True,
+            "tiny",
+            "",
+            seed,
+            False,
+            *settings,
+            *NO_EXTRAS,
+            api_name="/generate",
         )
         video, seed_used = outputs[2], outputs[4]
         assert Path(video).is_file() and seed_used == seed, outputs

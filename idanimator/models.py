@@ -260,6 +260,7 @@ class LoadOptions:
     default_backbone: str = registry.DEFAULT_BACKBONE
     allow_hub_ids: bool = True  # False on public deployments: named backbones only
     tiny: bool = False  # the parts are the tiny random kit's
+    lora_dir: Path | None = None  # style LoRAs offered by name (the tiny kit's in tiny mode)
 
     @staticmethod
     def for_device(device: str | None = None, dtype: torch.dtype | None = None, **kwargs) -> LoadOptions:

@@ -22,7 +22,9 @@ import torch
 
 from . import settings as limits
 from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
+from .extras.spec import Extras
 from .models import LoadOptions
+from .options import extras_for, lora_files
 from .outputs import OutputFolder
 from .preview import preview_strip, tile_images
 from .prompts import DEFAULT_NEGATIVE_PROMPT
@@ -76,6 +78,7 @@ class StudioOptions:
     tiny: bool = False  # force tiny mode (it is also chosen when the real weights cannot be had)
     allow_custom_backbones: bool = False  # operators only: local files/folders and any Hub id
     output_dir: Path | None = None
+    lora_dir: Path | None = None  # style LoRAs offered by name: NAME.safetensors files in this folder
     max_outputs: int = 200  # entries (videos, segment folders) kept in the output folder
     max_output_age_s: float = 24 * 3600
     # prepare() builds the pipeline (so execute() only runs it). False on ZeroGPU, where only the main thread
@@ -101,6 +104,16 @@ class Request:
     fps: int = limits.FPS.default
     height: int = limits.HEIGHT.default
     width: int = limits.WIDTH.default
+    # Beyond the release (idanimator.options turns these into the library's Extras):
+    fast: bool = False  # AnimateLCM
+    free_init: bool = False
+    loras: list = field(default_factory=list)  # names the studio offers ("name" or "name:weight")
+    lora_weight: float = 1.0  # for the names given without a weight
+    control: str = ""  # "" (none) or one of extras.spec.CONTROL_KINDS
+    control_images: list = field(default_factory=list)  # SparseCtrl keyframes (paths or images)
+    control_frames: str = ""  # the frame of each control image, "0, 15" ("": spread over the video)
+    control_video: str | None = None  # the driving video of openpose, depth or canny
+    control_strength: float = 1.0
 
 
 @dataclass
@@ -115,7 +128,16 @@ class Job:
     backbone: str  # a name the service offers, or an operator's path or Hub id
     fps: int
     notes: list[str] = field(default_factory=list)  # what we noticed about the photos
+    extras: Extras = field(default_factory=Extras)  # the options beyond the release
     created: float = field(default_factory=time.monotonic)
+
+    def work_units(self) -> float:
+        """Denoising work in UNet frame-steps at 512x512 (with guidance two UNet passes a step, FreeInit
+        several denoising passes): what a video's time is proportional to, for estimates."""
+        s = self.settings
+        cfg = 2 if s.guidance_scale > 1 else 1
+        passes = 3 if self.extras.free_init else 1
+        return s.steps * s.num_frames * cfg * passes * s.height * s.width / (512 * 512)
 
     def gpu_seconds(self) -> int:
         """A generous estimate of the GPU time this job needs (for spaces.GPU's duration)."""
@@ -178,6 +200,7 @@ class Studio:
         self._run_lock = threading.Lock()
         self.ready = threading.Event()  # set when warm_up() has finished (successfully or not)
         self.warm_error: str | None = None
+        self._seconds_per_unit: float | None = None  # the last video's denoising speed, for estimates
 
     @property
     def device(self) -> str:
@@ -186,6 +209,10 @@ class Studio:
     @property
     def offload(self) -> str:
         return self.service.options.offload
+
+    def loras(self) -> dict[str, Path]:
+        """The style LoRAs a request may name (files in the operator's folder; the tiny kit's in tiny mode)."""
+        return lora_files(self.options.lora_dir or self.service.options.lora_dir)
 
     def backbones(self) -> list[str]:
         """The backbone names a request may pick (the first is the default)."""
@@ -245,13 +272,39 @@ class Studio:
             request.custom_backbone,
             self.options.allow_custom_backbones,
         )
+        extras = extras_for(request, settings.num_frames, self.loras())
         crops, notes = self.prepare_faces(request.faces)
         if self.options.load_in_prepare:
             with self._run_lock, self.service.guard():
                 self.service.pipeline(backbone)
         else:
             self.service.fetch_backbone(backbone)  # download now, outside the GPU's time
-        return Job(settings=settings, crops=crops, backbone=backbone, fps=fps, notes=notes)
+        return Job(settings=settings, crops=crops, backbone=backbone, fps=fps, notes=notes, extras=extras)
+
+    def estimate_seconds(self, request: Request) -> float | None:
+        """How long a request's denoising will take here, from the speed of the last video made by this
+        process (None before the first one, or if the request is not valid yet)."""
+        if self._seconds_per_unit is None:
+            return None
+        try:
+            settings = GenerationSettings.taken_from(request).validate()
+            job = Job(
+                settings=settings, crops=[], backbone="", fps=8, extras=extras_for(request, settings.num_frames, {})
+            )
+        except IDAnimatorError:
+            return None
+        return self._seconds_per_unit * job.work_units()
+
+    def preview_control(self, request: Request) -> list:
+        """The conditioning frames a request's control would feed the model (edges, pose, keyframes),
+        each captioned with its frame; raises InvalidRequestError with a sentence for bad control input."""
+        from .extras.conditions import preview_condition
+
+        settings = GenerationSettings.taken_from(request).validate()
+        extras = extras_for(request, settings.num_frames, self.loras())
+        if extras.control is None:
+            return []
+        return preview_condition(extras.control, settings.num_frames, (settings.height, settings.width))
 
     def execute(
         self,
@@ -273,7 +326,9 @@ class Studio:
             try:
                 with self.service.guard():
                     pipe = self.service.pipeline(job.backbone)
+                    started = time.monotonic()
                     result = yield from self._denoise(pipe, job, stop, preview_every or max(1, settings.steps // 6))
+                    self._seconds_per_unit = (time.monotonic() - started) / job.work_units()
                     # Decoding and encoding run ahead in a worker while the caller handles the previous
                     # segment (gradio probes and re-muxes each one: two processes per segment).
                     video = yield from _in_worker(lambda emit: self._write(pipe, job, result, stop, stream, emit), stop)
@@ -296,7 +351,7 @@ class Studio:
                 preview = preview_strip(latents) if (step + 1) % every == 0 or step + 1 == total else None
                 emit(Progress(step + 1, total, preview))
 
-            return pipe.denoise(job.crops, job.settings, callback=on_step, should_stop=stop.is_set)
+            return pipe.denoise(job.crops, job.settings, extras=job.extras, callback=on_step, should_stop=stop.is_set)
 
         return (yield from _in_worker(work, stop))
 

@@ -85,7 +85,12 @@ def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
         log.close()
 
 
-def generate_over_http(client, face, seed: int = 3, frames: int = 8):
+# The page's inputs beyond the release, all off: fast, FreeInit, LoRAs and their weight, control kind, keyframe
+# images, their frames, driving video, strength.
+NO_EXTRAS = (False, False, [], 1.0, "", [], "", None, 1.0)
+
+
+def generate_over_http(client, face, seed: int = 3, frames: int = 8, extras: tuple = NO_EXTRAS):
     """Call the app's /generate endpoint the way a client would, with tiny-mode settings."""
     from gradio_client import handle_file
 
@@ -104,6 +109,7 @@ def generate_over_http(client, face, seed: int = 3, frames: int = 8):
         8.0,
         8,
         "64x64 (tiny)",
+        *extras,
         api_name="/generate",
     )
 

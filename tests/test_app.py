@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 
 from idanimator import settings as limits
 from idanimator.studio import Studio, StudioOptions
-from tests.helpers import ROOT, generate_over_http, read_video, running_app
+from tests.helpers import NO_EXTRAS, ROOT, generate_over_http, read_video, running_app
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_the_console_shows_our_lines_not_tracebacks_or_gradio_hints(app, app_dir
         generate(client, astronaut_path, seed=2**40)
     args = [[handle_file(str(astronaut_path))], "a person", "", True, "no-such-backbone", "", 3, False, 0.8, 8, 2]
     with pytest.raises(Exception, match="no-such-backbone"):
-        client.predict(*args, 8.0, 8, "64x64 (tiny)", api_name="/generate")
+        client.predict(*args, 8.0, 8, "64x64 (tiny)", *NO_EXTRAS, api_name="/generate")
     log = (app_dir / "app.log").read_text()
     assert "Traceback" not in log
     assert "INFO idanimator.app: refused a request: Value 999 is greater than maximum value 32.\n" in log
@@ -213,7 +213,7 @@ def test_stop_ends_a_running_generation_and_the_server_answers_the_next_request(
     client, proc = app
     # 32 frames x 100 steps: about a minute of work left to do if Stop did not end it.
     args = [handle_file(str(astronaut_path)), "a person smiling", "", True, "tiny", "", 5, False, 0.8, 32, 100]
-    job = client.submit([args[0]], *args[1:], 8.0, 8, "64x96 (tiny)", api_name="/generate")
+    job = client.submit([args[0]], *args[1:], 8.0, 8, "64x96 (tiny)", *NO_EXTRAS, api_name="/generate")
     deadline = time.monotonic() + 60
     while not job.status().progress_data and not job.done() and time.monotonic() < deadline:  # denoising
         time.sleep(0.1)
