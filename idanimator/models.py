@@ -261,6 +261,10 @@ class LoadOptions:
     allow_hub_ids: bool = True  # False on public deployments: named backbones only
     tiny: bool = False  # the parts are the tiny random kit's
     lora_dir: Path | None = None  # style LoRAs offered by name (the tiny kit's in tiny mode)
+    # Where the extras' models come from (None: the registry's): a ControlModels (extras.control_models), and the
+    # fast mode's AnimateLCM folder. Tiny mode gives tiny random ones, built on first use.
+    control_models: object | None = None
+    fast_weights: str | Path | None = None
 
     @staticmethod
     def for_device(device: str | None = None, dtype: torch.dtype | None = None, **kwargs) -> LoadOptions:

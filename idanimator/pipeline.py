@@ -74,6 +74,7 @@ class IDAnimatorPipeline:
         self.dtype = dtype
         self._detector = detector
         self.face_cache = face_cache if face_cache is not None else FaceFeatureCache()
+        self.control_models = None  # where structure control's models come from (None: the registry's)
 
     @classmethod
     def from_pretrained(
@@ -105,7 +106,9 @@ class IDAnimatorPipeline:
         else:
             options = LoadOptions.for_device(device, dtype, offload=offload, **parts)
         pipe = build_animatediff(load_shared_parts(options), backbone)
-        return cls(pipe, dtype=options.dtype, detector=detector)
+        pipeline = cls(pipe, dtype=options.dtype, detector=detector)
+        pipeline.control_models = options.control_models  # None: the registry's (extras.control_models)
+        return pipeline
 
     # -- inputs ---------------------------------------------------------------------------------
 

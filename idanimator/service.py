@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import GPUOutOfMemoryError, InvalidRequestError
+from .extras.control_models import ControlModels
 from .models import LoadOptions, SharedParts, build_animatediff, load_shared_parts, resolve_backbone
 from .pipeline import FaceFeatureCache, IDAnimatorPipeline
 
@@ -95,6 +96,8 @@ class ModelService:
         self._backbone: str | None = None
         self._pipeline: IDAnimatorPipeline | None = None
         self._lock = threading.RLock()
+        # The control models, one per kind, kept across requests and backbone switches (dropped on out-of-memory).
+        self.control_models = options.control_models or ControlModels()
 
     # -- what callers ask for -------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class ModelService:
             self._pipeline = IDAnimatorPipeline(
                 pipe, dtype=self.options.dtype, detector=self.detector(), face_cache=self.face_cache
             )
+            self._pipeline.control_models = self.control_models
             self._backbone = backbone
             return self._pipeline
 
@@ -154,7 +158,11 @@ class ModelService:
 
     def guard(self):
         """A context in which CUDA out-of-memory drops the pipeline (freeing memory) and becomes a sentence."""
-        return out_of_memory_guard(self.clear)
+        return out_of_memory_guard(self._free_everything)
+
+    def _free_everything(self) -> None:
+        self.control_models.clear()
+        self.clear()
 
     # -- inside ---------------------------------------------------------------------------------
 

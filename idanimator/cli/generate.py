@@ -127,6 +127,10 @@ def _load_pipeline(args: argparse.Namespace, detector):
         tiny=args.tiny,
         detector=detector,
     )
+    if args.control_model is not None and args.control is not None:
+        from ..extras.control_models import ControlModels
+
+        pipe.control_models = ControlModels({args.control: args.control_model})
     if pipe.pipe._execution_device.type == "cpu" and not args.tiny:
         print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
     return pipe
@@ -202,6 +206,7 @@ def add_parser(sub) -> None:
         "--control-image", action="append", metavar="PATH[@FRAME]", help="a SparseCtrl keyframe (repeatable)"
     )
     more.add_argument("--control-video", metavar="PATH", help="the driving video of openpose, depth or canny")
+    more.add_argument("--control-model", metavar="DIR", help="the control's model folder (default: the registry's)")
     more.add_argument("--control-strength", type=float, default=CONTROL_STRENGTH.default, metavar="X", help="0-2")
     batch = gen.add_argument_group(
         "batch mode", "every photo x every prompt x every seed, written as OUT_DIR/FACE--pNN--sSEED.mp4 + .txt"

@@ -11,8 +11,8 @@ from .kit import (
     default_tiny_dir,
     random_face_adapter,
     tiny_kit_paths,
-    tiny_load_options,
 )
+from .options import tiny_load_options
 
 __all__ = [
     "TINY_BACKBONES",

@@ -261,21 +261,3 @@ TINY_SETTINGS = dict(num_frames=8, steps=2, height=64, width=64)
 
 # The backbones tiny mode offers by name: the kit's SD1.5 folder, and the same weights as one single file.
 TINY_BACKBONES = {"tiny": "base", "tiny-single-file": "single_file"}
-
-
-def tiny_load_options(root: str | Path | None = None, **overrides):
-    """LoadOptions that take every part not given in ``overrides`` from the tiny kit (built on first use)."""
-    from ..models import LoadOptions
-
-    kit = build_tiny_kit(root or default_tiny_dir())
-    parts = {
-        part: overrides.pop(part, None) or kit[part] for part in ("face_adapter", "motion_adapter", "image_encoder")
-    }
-    return LoadOptions.for_device(
-        **parts,
-        base=overrides.pop("base", None) or kit["base"],
-        backbones=tuple((name, kit[part]) for name, part in TINY_BACKBONES.items()),
-        default_backbone=next(iter(TINY_BACKBONES)),
-        tiny=True,
-        **overrides,
-    )

@@ -70,7 +70,7 @@ def load_frozen_parts(
     from diffusers import DDPMScheduler
 
     if tiny:
-        from ..testing.kit import tiny_load_options
+        from ..testing.options import tiny_load_options
 
         options = tiny_load_options(device="cpu", motion_adapter=motion_adapter, image_encoder=image_encoder)
     else:
