@@ -7,6 +7,7 @@ weights are), and only then cast and placed. Each loader turns a broken or incom
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,11 +261,12 @@ class LoadOptions:
     default_backbone: str = registry.DEFAULT_BACKBONE
     allow_hub_ids: bool = True  # False on public deployments: named backbones only
     tiny: bool = False  # the parts are the tiny random kit's
-    lora_dir: Path | None = None  # style LoRAs offered by name (the tiny kit's in tiny mode)
-    # Where the extras' models come from (None: the registry's): a ControlModels (extras.control_models), and the
-    # fast mode's AnimateLCM folder. Tiny mode gives tiny random ones, built on first use.
+    # Where the extras' models come from (None: the registry's): a ControlModels (extras.control_models), the fast
+    # mode's AnimateLCM folder, the folder of style LoRAs offered by name. Tiny mode gives tiny random ones: a
+    # folder may be given as a function that builds it on first use.
     control_models: object | None = None
-    fast_weights: str | Path | None = None
+    fast_weights: str | Path | Callable[[], Path] | None = None
+    lora_dir: Path | Callable[[], Path] | None = None
 
     @staticmethod
     def for_device(device: str | None = None, dtype: torch.dtype | None = None, **kwargs) -> LoadOptions:

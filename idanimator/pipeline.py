@@ -75,6 +75,7 @@ class IDAnimatorPipeline:
         self._detector = detector
         self.face_cache = face_cache if face_cache is not None else FaceFeatureCache()
         self.control_models = None  # where structure control's models come from (None: the registry's)
+        self.fast_weights = None  # the fast mode's AnimateLCM: a folder (or a function building it), None: registry's
 
     @classmethod
     def from_pretrained(
@@ -108,6 +109,7 @@ class IDAnimatorPipeline:
         pipe = build_animatediff(load_shared_parts(options), backbone)
         pipeline = cls(pipe, dtype=options.dtype, detector=detector)
         pipeline.control_models = options.control_models  # None: the registry's (extras.control_models)
+        pipeline.fast_weights = options.fast_weights  # None: the registry's AnimateLCM (extras.fast)
         return pipeline
 
     # -- inputs ---------------------------------------------------------------------------------

@@ -129,3 +129,11 @@ BACKBONES: dict[str, Backbone] = {
         notes="Cartoon style, a classic AnimateDiff backbone.",
     ),
 }
+
+# The fast mode (AnimateLCM): a diffusers MotionAdapter in the repository's root and its spatial LCM LoRA beside it.
+ANIMATELCM_LORA = "AnimateLCM_sd15_t2v_lora.safetensors"
+ANIMATELCM = HubFolder(
+    "wangfuyun/AnimateLCM",
+    allow_patterns=("config.json", "diffusion_pytorch_model.safetensors", ANIMATELCM_LORA),
+    ignore_patterns=(),
+)

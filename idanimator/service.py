@@ -139,6 +139,7 @@ class ModelService:
                 pipe, dtype=self.options.dtype, detector=self.detector(), face_cache=self.face_cache
             )
             self._pipeline.control_models = self.control_models
+            self._pipeline.fast_weights = self.options.fast_weights
             self._backbone = backbone
             return self._pipeline
 
@@ -161,7 +162,10 @@ class ModelService:
         return out_of_memory_guard(self._free_everything)
 
     def _free_everything(self) -> None:
+        from .extras.fast import forget_fast_weights
+
         self.control_models.clear()
+        forget_fast_weights()
         self.clear()
 
     # -- inside ---------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ class Limit:
 
 MAX_SEED = 2**32 - 1
 
-FRAMES = Limit("Frames", 1, 32, 16)  # the motion module's positional encoding holds 32 frames
+# The motion module's positional encoding holds 32 frames; longer videos are denoised in overlapping windows
+# of 16 (FreeNoise, idanimator.extras.longvideo).
+FRAMES = Limit("Frames", 1, 128, 16)
 STEPS = Limit("Steps", 1, 100, 30)
 GUIDANCE = Limit("Guidance scale", 1.0, 20.0, 8.0, step=0.5, whole=False)  # 1: no classifier-free guidance
 ID_SCALE = Limit("ID scale", 0.0, 2.0, 0.8, step=0.05, whole=False)  # infer.py's 0.8 (its demo used 1.0)

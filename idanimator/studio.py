@@ -30,7 +30,7 @@ from .preview import preview_strip, tile_images
 from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
 from .settings import GenerationSettings
-from .video import write_mp4
+from .video import Mp4Writer, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ class Job:
         """A generous estimate of the GPU time this job needs (for spaces.GPU's duration)."""
         s = self.settings
         pixels = s.height * s.width / (512 * 512)
-        cfg = 2 if s.guidance_scale > 1 else 1
-        return int(min(300, 30 + 0.04 * cfg * s.steps * s.num_frames * pixels + 0.5 * s.num_frames * pixels))
+        return int(min(300, 30 + 0.04 * self.work_units() + 0.5 * s.num_frames * pixels))
 
 
 @dataclass
@@ -212,7 +211,8 @@ class Studio:
 
     def loras(self) -> dict[str, Path]:
         """The style LoRAs a request may name (files in the operator's folder; the tiny kit's in tiny mode)."""
-        return lora_files(self.options.lora_dir or self.service.options.lora_dir)
+        folder = self.options.lora_dir or self.service.options.lora_dir
+        return lora_files(folder() if callable(folder) else folder)
 
     def backbones(self) -> list[str]:
         """The backbone names a request may pick (the first is the default)."""
@@ -357,17 +357,17 @@ class Studio:
 
     def _write(self, pipe, job: Job, result, stop: threading.Event, stream: bool, emit) -> Path:
         """Decode the video a segment at a time (emitting each as a short MP4 when `stream`), then write it."""
-        frames = []
         one_segment = job.settings.num_frames <= SEGMENT_FRAMES  # then the video itself is streamed
         segments = self.outputs.new_folder() if stream and not one_segment else None
-        for start in range(0, job.settings.num_frames, SEGMENT_FRAMES):
-            if stop.is_set():
-                raise GenerationCancelled("Generation was stopped.")
-            chunk = pipe.decode(result.latents, start, start + SEGMENT_FRAMES)
-            frames.extend(chunk)
-            if segments is not None:
-                emit(Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.fps)))
-        video = write_mp4(frames, self.outputs.new_path(".mp4"), fps=job.fps)
+        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.fps) as whole:  # chunk by chunk: flat memory
+            for start in range(0, job.settings.num_frames, SEGMENT_FRAMES):
+                if stop.is_set():
+                    raise GenerationCancelled("Generation was stopped.")
+                chunk = pipe.decode(result.latents, start, start + SEGMENT_FRAMES)
+                whole.write(chunk)
+                if segments is not None:
+                    emit(Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.fps)))
+        video = whole.path
         if stream and one_segment:
             emit(Segment(video))
         return video

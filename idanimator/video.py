@@ -109,16 +109,73 @@ def write_mp4(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT
     ``crf`` is x264's constant rate factor: 0 is lossless, 51 is worst; 17-23 look good.
     Odd widths/heights are padded by one repeated edge pixel, since yuv420p needs even sizes.
     """
-    fps, crf = FPS.check(fps), _CRF.check(crf)
-    images = [pad_to_even(frame) for frame in to_uint8_frames(frames)]
-    path = Path(path)
-    with atomic_path(path) as temp:
-        _encode(images, temp, fps, crf, path)
-    return path
+    images = to_uint8_frames(frames)  # checked before any file is touched
+    with Mp4Writer(path, fps, crf) as writer:
+        writer.write(images)
+    return writer.path
 
 
-def _encode(images: list[np.ndarray], temp: Path, fps: int, crf: int, path: Path) -> None:
-    height, width = images[0].shape[:2]
+class Mp4Writer:
+    """An MP4 written a chunk of frames at a time by one ffmpeg, so a long video is never in memory whole::
+
+        with Mp4Writer("video.mp4", fps=8) as out:
+            for chunk in chunks:  # arrays of frames, as write_mp4 takes them
+                out.write(chunk)
+
+    The file appears under its name only when the block ends without an error and ffmpeg wrote every frame.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF):
+        self.fps, self.crf = FPS.check(fps), _CRF.check(crf)
+        self.path = Path(path)
+        self.frames = 0
+        self._size: tuple[int, ...] | None = None
+        self._writer = None
+        self._atomic = atomic_path(self.path)
+        self._temp: Path | None = None
+
+    def __enter__(self) -> Mp4Writer:
+        self._temp = self._atomic.__enter__()
+        return self
+
+    def write(self, frames: Frames) -> None:
+        images = [pad_to_even(frame) for frame in to_uint8_frames(frames)]
+        if self._size is None:
+            self._size = images[0].shape
+            self._writer = _start_ffmpeg(self._temp, images[0].shape, self.fps, self.crf)
+        for index, image in enumerate(images):
+            if image.shape != self._size:
+                raise ValueError(
+                    f"Frame {self.frames + index} is {image.shape[1]}x{image.shape[0]}, not the "
+                    f"video's {self._size[1]}x{self._size[0]}; all frames must have one size."
+                )
+        self.frames += len(images)  # given; the check on close compares them with what ffmpeg wrote
+        try:
+            for image in images:
+                self._writer.send(image)
+        except OSError:
+            pass  # a broken pipe: ffmpeg died mid-stream; the check on close reports it
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self._writer is not None:
+                self._writer.close()  # ends ffmpeg's input and waits for it to finish the file
+            if exc_type is None:
+                if not self.frames:
+                    raise ValueError("There are no frames to write; the video is empty.")
+                # write_frames ignores ffmpeg's exit status, so a failure shows only in the file itself. Its
+                # index is read in Python rather than by decoding it with a second ffmpeg: that halved the
+                # processes per streamed segment in the app (benchmarks/RESULTS.md).
+                if mp4_frame_count(self._temp) != self.frames:
+                    raise _encoder_error(self._temp, self.path)
+        except BaseException as error:
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self._atomic.__exit__(exc_type, exc, tb)
+
+
+def _start_ffmpeg(temp: Path, shape: tuple[int, ...], fps: int, crf: int):
+    height, width = shape[:2]
     writer = imageio_ffmpeg.write_frames(
         temp,
         (width, height),
@@ -134,18 +191,7 @@ def _encode(images: list[np.ndarray], temp: Path, fps: int, crf: int, path: Path
         writer.send(None)  # starts ffmpeg
     except (OSError, RuntimeError) as exc:  # RuntimeError: imageio-ffmpeg found no ffmpeg at all
         raise IDAnimatorError(f"The video encoder (ffmpeg) could not be started: {str(exc).rstrip('.')}.") from exc
-    try:
-        for image in images:
-            writer.send(image)
-    except OSError:
-        pass  # a broken pipe: ffmpeg died mid-stream; the check below reports it
-    finally:
-        writer.close()  # ends ffmpeg's input and waits for it to finish the file
-    # write_frames ignores ffmpeg's exit status, so a failure at any point shows only in the file itself.
-    # Its index is read in Python rather than by decoding it with a second ffmpeg: that halved the
-    # processes per streamed segment in the app (benchmarks/RESULTS.md).
-    if mp4_frame_count(temp) != len(images):
-        raise _encoder_error(temp, path)
+    return writer
 
 
 _CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}

@@ -176,7 +176,7 @@ def test_faces_endpoint_shows_the_aligned_crop(app, astronaut_path):
 
 @pytest.mark.parametrize(
     "frames, seed, message",
-    [(999, 3, "greater than maximum value 32"), (8, 2**40, "greater than maximum"), (-4, 3, "less than minimum")],
+    [(999, 3, "greater than maximum value 128"), (8, 2**40, "greater than maximum"), (-4, 3, "less than minimum")],
 )
 def test_out_of_range_values_sent_to_the_api_get_a_sentence(app, astronaut_path, frames, seed, message):
     """Gradio checks the components' ranges first; the library checks again for direct callers."""
@@ -191,7 +191,7 @@ def test_the_console_shows_our_lines_not_tracebacks_or_gradio_hints(app, app_dir
     shown (--share exists), nor its HTTP client's INFO lines."""
     client, _ = app
     generate(client, astronaut_path)  # a run first: gradio then holds this session's own copies of the widgets
-    with pytest.raises(Exception, match="greater than maximum value 32"):
+    with pytest.raises(Exception, match="greater than maximum value 128"):
         generate(client, astronaut_path, frames=999)
     with pytest.raises(Exception, match="greater than maximum value 4294967295"):
         generate(client, astronaut_path, seed=2**40)
@@ -200,7 +200,7 @@ def test_the_console_shows_our_lines_not_tracebacks_or_gradio_hints(app, app_dir
         client.predict(*args, 8.0, 8, "64x64 (tiny)", *NO_EXTRAS, api_name="/generate")
     log = (app_dir / "app.log").read_text()
     assert "Traceback" not in log
-    assert "INFO idanimator.app: refused a request: Value 999 is greater than maximum value 32.\n" in log
+    assert "INFO idanimator.app: refused a request: Value 999 is greater than maximum value 128.\n" in log
     assert log.count("refused a request: ") >= 3
     assert "share=True" not in log and "httpx" not in log
     assert "Tiny mode (random weights): forced with --tiny." in log

@@ -30,7 +30,11 @@ LAYERS = {
     "models": 4,
     "testing": 5.5,  # the package re-exports its kit
     "testing.kit": 5,
+    "testing.options": 5.4,  # tiny mode's LoadOptions: the kit and the extras' tiny models
     "testing.single_file": 4,
+    "testing.loras": 1,
+    "testing.control_kit": 5.2,  # sized from the tiny kit's UNet
+    "testing.fast_kit": 5.2,  # the tiny AnimateLCM, sized from the tiny kit
     "eval": 0,  # the evaluation package's file holds only its docstring
     "eval.spec": 1,
     "eval.reader": 1,
@@ -65,7 +69,16 @@ LAYERS = {
     "training.loop": 8,  # the train command's loop: uses every training module
     "extras": 0,  # the package's file holds only its docstring
     "extras.spec": 2,
+    "extras.conditions": 3,  # condition images from keyframes and driving videos
+    "extras.control_models": 4.5,  # uses models' per-frame norms
+    "extras.control": 5,
+    "extras.fast": 4.5,  # AnimateLCM: loads its motion adapter with models' loader
+    "extras.freeinit": 1,
+    "extras.longvideo": 2,  # FreeNoise windows; the time estimate counts FreeInit's passes
+    "extras.lorafiles": 3,
+    "extras.loras": 4,
     "extras.apply": 5,  # imports each option's module (layer 5 or below) by name
+    "options": 3,  # the page's choices beyond the release -> Extras
     "pipeline": 6,
     "service": 7,
     "studio": 8,

@@ -78,7 +78,7 @@ def test_no_face_is_one_line_and_exit_1(capsys, tmp_path, no_face_path, tiny_kit
 @pytest.mark.parametrize(
     "flag, value, named",
     [
-        ("--frames", "64", "Frames must be between 1 and 32"),
+        ("--frames", "129", "Frames must be between 1 and 128"),
         ("--steps", "0", "Steps must be between 1 and 100"),
         ("--guidance", "nan", "Guidance scale must be between"),
         ("--id-scale", "3", "ID scale must be between 0 and 2"),
@@ -136,7 +136,12 @@ def test_generate_help_shows_the_release_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = capsys.readouterr().out
-    shown_defaults = ("(default: 16)", "(default: 30; 6 with --fast)", "(default: 8; 1.5 with --fast)", "(default: 0.8)")
+    shown_defaults = (
+        "(default: 16)",
+        "(default: 30; 6 with --fast)",
+        "(default: 8; 1.5 with --fast)",
+        "(default: 0.8)",
+    )
     for shown in ("--frames N", *shown_defaults, "deformed iris"):
         assert shown in text
     with pytest.raises(SystemExit):

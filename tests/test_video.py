@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from idanimator.errors import IDAnimatorError, InvalidRequestError
-from idanimator.video import mp4_frame_count, save_video, to_uint8_frames, write_gif, write_mp4, write_png_frames
+from idanimator.video import Mp4Writer, mp4_frame_count, save_video, to_uint8_frames, write_gif, write_mp4, write_png_frames
 from tests.helpers import probe_video, read_video
 
 
@@ -105,6 +105,25 @@ def test_frame_count_is_read_from_the_index_and_a_cut_file_has_none(tmp_path):
         (tmp_path / "cut.mp4").write_bytes(data[:-cut])
         assert mp4_frame_count(tmp_path / "cut.mp4") is None
     assert mp4_frame_count(tmp_path / "missing.mp4") is None
+
+
+def test_a_video_written_in_chunks_equals_one_written_at_once(tmp_path):
+    """Long videos are decoded and written a few frames at a time: the same file as all at once."""
+    frames = noise(10)
+    whole = write_mp4(frames, tmp_path / "whole.mp4")
+    with Mp4Writer(tmp_path / "chunks.mp4") as out:
+        for start in range(0, 10, 4):
+            out.write(frames[start : start + 4])
+    assert out.frames == 10 and mp4_frame_count(out.path) == 10
+    assert np.array_equal(read_video(out.path), read_video(whole))
+
+
+def test_a_chunk_of_another_size_ends_the_video_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="all frames must have one size"):
+        with Mp4Writer(tmp_path / "video.mp4") as out:
+            out.write(noise(2))
+            out.write(np.zeros((2, 32, 48, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_odd_size_is_padded_by_edge_replication(tmp_path):

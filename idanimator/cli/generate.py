@@ -17,6 +17,7 @@ from ..settings import OFFLOAD_MODES
 from .common import DETECTORS, HelpWithDefaults
 
 _BATCH_FLAGS = ("faces_dir", "prompts", "out_dir")
+DECODE_FRAMES = 8  # frames decoded (and written) at a time
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ def _generate(args: argparse.Namespace) -> int:
             "generate needs --face, --prompt and --out (or --faces-dir, --prompts and --out-dir for a batch)."
         )
     from ..settings import GenerationSettings
-    from ..video import check_output_path, save_video
+    from ..video import check_output_path
 
     # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
     _fill_mode_defaults(args)
@@ -44,13 +45,25 @@ def _generate(args: argparse.Namespace) -> int:
     crops = [crop_face(face, detector) for face in args.face]
     pipe = _load_pipeline(args, detector)
     with out_of_memory_guard():
-        result = pipe(crops, **settings.as_dict(), extras=extras)
+        result = pipe.denoise(crops, settings, extras=extras)
+        out = _write_video(pipe, result.latents, args.out, fps)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    out = save_video(result.frames, args.out, fps=fps)
     print(f"seed: {result.seed}")
     print(f"wrote {out}")
     return 0
+
+
+def _write_video(pipe, latents, out: Path, fps: int) -> Path:
+    """Decode and write the video; an MP4 a few frames at a time, so a long video never sits in memory whole."""
+    from ..video import Mp4Writer, save_video
+
+    if out.suffix.lower() != ".mp4":
+        return save_video(pipe.decode(latents), out, fps=fps)
+    with Mp4Writer(out, fps=fps) as writer:
+        for start in range(0, latents.shape[2], DECODE_FRAMES):
+            writer.write(pipe.decode(latents, start, start + DECODE_FRAMES))
+    return writer.path
 
 
 def _fill_mode_defaults(args: argparse.Namespace) -> None:
@@ -74,6 +87,11 @@ def extras_from_args(args: argparse.Namespace):
     elif args.control_image or args.control_video:
         raise IDAnimatorError("--control-image and --control-video need --control KIND.")
     loras = tuple(LoraSpec.parse(text) for text in args.lora or ())
+    if loras:
+        from ..extras.lorafiles import check_source
+
+        for lora in loras:
+            check_source(lora.source)  # a missing file or a pickle is refused before anything loads
     return Extras(loras=loras, free_init=args.free_init, fast=args.fast, control=control)
 
 
@@ -127,6 +145,8 @@ def _load_pipeline(args: argparse.Namespace, detector):
         tiny=args.tiny,
         detector=detector,
     )
+    if args.fast_weights is not None:
+        pipe.fast_weights = args.fast_weights
     if args.control_model is not None and args.control is not None:
         from ..extras.control_models import ControlModels
 
@@ -197,6 +217,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
     more = gen.add_argument_group("beyond the release", "each works with the face adapter on")
     more.add_argument("--fast", action="store_true", help="AnimateLCM: 4-8 steps instead of 30")
+    more.add_argument("--fast-weights", metavar="DIR", help="a local AnimateLCM folder (default: the registry's)")
     more.add_argument("--free-init", action="store_true", help="FreeInit: steadier motion, 3x the denoising time")
     more.add_argument(
         "--lora", action="append", metavar="PATH_OR_ID[:WEIGHT]", help="a style LoRA for SD1.5 (repeatable)"

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import registry
+from ..extras.spec import CONTROL_KINDS
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -19,6 +20,12 @@ def _download(args: argparse.Namespace) -> int:
     ]
     names = list(registry.BACKBONES) if args.all_backbones else args.backbone or [registry.DEFAULT_BACKBONE]
     wanted += [(f"backbone {name}", name) for name in names]
+    if args.fast:
+        wanted.append(("fast mode (AnimateLCM)", registry.ANIMATELCM))
+    if args.control:
+        from ..extras.control_models import CONTROL_MODELS
+
+        wanted += [(f"{kind} control model", CONTROL_MODELS[kind]) for kind in args.control]
     for what, source in wanted:
         shown = describe(source if not isinstance(source, str) else registry.BACKBONES[source].source)
         print(f"{what}: {shown}")
@@ -61,6 +68,8 @@ def add_parser(sub) -> None:
     dl = sub.add_parser("download", help="prefetch the weights into the Hugging Face cache")
     dl.add_argument("--backbone", action="append", help="a backbone to fetch (default: the release's)")
     dl.add_argument("--all-backbones", action="store_true")
+    dl.add_argument("--fast", action="store_true", help="also the fast mode's AnimateLCM (about 1.9 GB)")
+    dl.add_argument("--control", action="append", choices=CONTROL_KINDS, help="also a control's model (repeatable)")
     dl.set_defaults(run=_download)
 
     conv = sub.add_parser("convert-checkpoint", help="write animator.ckpt as a .safetensors file")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .spec import Extras
 
 # The order they are put on (and taken off in reverse). Each module is imported when the list is read.
-_STEPS: tuple[str, ...] = ()
+_STEPS: tuple[str, ...] = ("fast", "control", "loras", "freeinit", "longvideo")
 
 
 @dataclass

@@ -7,6 +7,30 @@ from pathlib import Path
 from .control_kit import TinyControlModels
 from .kit import TINY_BACKBONES, build_tiny_kit, default_tiny_dir
 
+TINY_STYLE_LORAS = {"tiny-style": 0, "tiny-style-kohya": 1}  # name -> seed; the second in kohya's layout
+
+
+def tiny_fast_folder() -> Path:
+    """The tiny AnimateLCM folder (built on first use): tiny mode's fast-mode weights."""
+    from .fast_kit import build_fast_kit
+
+    return build_fast_kit()["folder"]
+
+
+def tiny_lora_folder() -> Path:
+    """A folder of tiny random style LoRAs for the tiny kit (built on first use): tiny mode's LoRA choices."""
+    from .loras import save_tiny_lora
+
+    kit = build_tiny_kit(default_tiny_dir())
+    folder = default_tiny_dir().parent / f"{default_tiny_dir().name}-loras"
+    for name, seed in TINY_STYLE_LORAS.items():
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            layout = "kohya" if name.endswith("kohya") else "diffusers"
+            temp = save_tiny_lora(kit["base"], folder / f".{name}.partial.safetensors", layout=layout, seed=seed)
+            temp.replace(path)
+    return folder
+
 
 def tiny_load_options(root: str | Path | None = None, **overrides):
     """LoadOptions that take every part not given in ``overrides`` from the tiny kit (built on first use); the
@@ -24,5 +48,7 @@ def tiny_load_options(root: str | Path | None = None, **overrides):
         default_backbone=next(iter(TINY_BACKBONES)),
         tiny=True,
         control_models=overrides.pop("control_models", None) or TinyControlModels(),
+        fast_weights=overrides.pop("fast_weights", None) or tiny_fast_folder,
+        lora_dir=overrides.pop("lora_dir", None) or tiny_lora_folder,
         **overrides,
     )
