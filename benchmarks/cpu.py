@@ -19,6 +19,8 @@
   ffprobe are on the PATH; ``serving_overhead_ratio_without_streaming`` is a second app with them hidden.
 * ``peak_rss_mb``: the app server's peak resident memory after its requests (this process's own is
   ``bench_peak_rss_mb``).
+* ``options``: what each option beyond the release costs (``benchmarks/options.py``): the fast mode's speed-up,
+  FreeInit, a style LoRA, SparseCtrl and ControlNet, a long video per frame.
 
 Both sides of a ratio alternate and the medians are compared; the load average is recorded with the
 figures. On a machine shared with other work, torch's default of one thread per core stalls whenever a
@@ -344,6 +346,10 @@ def run(mode: str, repeats: int | None) -> dict:
             if streams and mode != "smoke":  # the same app without its streamed segments, for comparison
                 apps["app_without_streaming"] = App(folder, streaming=False)
             serving = serving_overhead(apps, photo, folder, setup["long_request"], repeats, warm_up=mode != "smoke")
+            log("what each option beyond the release costs ...")
+            from options import option_costs  # benchmarks/options.py
+
+            options = option_costs(photo, folder, setup["long_request"], repeats)
         finally:
             for app in apps.values():
                 app.stop()
@@ -377,6 +383,7 @@ def run(mode: str, repeats: int | None) -> dict:
             "library_call_s": serving["library_call_s"],
             "serving_overhead_s": serving["http_request_s"]["app"] - serving["library_call_s"],
         },
+        "options": options,
         "fresh_processes": processes,
         "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "settings": {**setup, "repeats": repeats, "mode": mode, "fps": FPS},
@@ -427,6 +434,10 @@ def table(results: dict) -> str:
         seconds = s["http_request_without_streaming_s"]
         lines.append(f"{'  without streaming':<22}  {plain:>7}  app over HTTP {seconds:.2f} s (ffmpeg hidden from it: "
                      "no segments) / the same library calls")  # fmt: skip
+    from options import table as options_table
+
+    lines += ["", "options beyond the release (each / the plain request, unless a speed-up):"]
+    lines += [options_table(f["options"])]
     setup, machine = f["settings"], f["machine"]
     lines += [
         "",

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -288,9 +288,8 @@ class Studio:
             return None
         try:
             settings = GenerationSettings.taken_from(request).validate()
-            job = Job(
-                settings=settings, crops=[], backbone="", fps=8, extras=extras_for(request, settings.num_frames, {})
-            )
+            extras = extras_for(replace(request, loras=[]), settings.num_frames, {})  # LoRAs hardly change the time
+            job = Job(settings=settings, crops=[], backbone="", fps=8, extras=extras)
         except IDAnimatorError:
             return None
         return self._seconds_per_unit * job.work_units()

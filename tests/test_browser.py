@@ -39,6 +39,16 @@ ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-track
     .filter(t => t.offsetParent !== null && t.innerText.includes('Error')).map(t => t.closest('[id]')?.id)"""
 
 
+def driving_video(folder: Path) -> Path:
+    """A short video of a moving real face (scikit-image's astronaut), to drive a ControlNet."""
+    from skimage import data
+
+    from idanimator.video import write_mp4
+
+    image = data.astronaut()
+    return write_mp4([image[8 * i : 8 * i + 320, 6 * i : 6 * i + 320] for i in range(10)], folder / "drive.mp4")
+
+
 def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit):
     from playwright.sync_api import sync_playwright
 
@@ -115,6 +125,28 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
             timeout=20_000,
         )
         assert time.monotonic() - stopped < 20  # a 32-frame, 100-step tiny run takes about a minute
+
+        # Beyond the release: fast mode sets its own steps, a style LoRA, a ControlNet on a driving video's edges
+        # (previewed before the run), and a time estimate from the last video.
+        for slider, value in (("#frames", "8"), ("#steps", "4")):
+            page.locator(f"{slider} input[type=number]").fill(value)
+            page.locator(f"{slider} input[type=number]").press("Enter")
+        page.locator("#more").get_by_text("Beyond the release").click()
+        page.locator("#fast input").check()
+        page.wait_for_function("() => document.querySelector('#steps input[type=number]').value === '6'")
+        page.locator("#loras input").click()
+        page.get_by_role("option", name="tiny-style", exact=True).click()
+        page.locator("#control").get_by_text("Control: sketch").click()
+        page.locator("#control-kind input").click()
+        page.get_by_role("option", name="Edges from a video (canny ControlNet)").click()
+        page.locator("#control-video input[type=file]").set_input_files(str(driving_video(tmp_path)))
+        page.locator("#control-preview img").first.wait_for(timeout=60_000)  # the edges the model will get
+        assert page.locator("#control-preview img").count() == 8
+        page.locator("#seed input").fill("77")
+        page.locator("#generate").click()
+        page.get_by_text("Seed used: 77").wait_for(timeout=180_000)
+        page.locator("#estimate").get_by_text("Estimated denoising time").wait_for(timeout=30_000)
+        assert page.locator("#history").get_by_text("seed 77").count() >= 1
 
         # A phone: the examples fit, captions stay whole (the settings table may scroll sideways there).
         page.set_viewport_size(PHONE)

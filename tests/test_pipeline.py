@@ -197,7 +197,7 @@ def test_prompt_suffix_is_on_by_default_and_can_be_switched_off(tiny_pipe, crops
     "overrides, message",
     [
         ({"num_frames": 0}, "Frames"),
-        ({"num_frames": 33}, "Frames"),
+        ({"num_frames": 129}, "Frames"),
         ({"steps": -1}, "Steps"),
         ({"height": 65}, "multiple of 8"),
         ({"width": 4096}, "Width"),

@@ -292,8 +292,10 @@ def test_motion_module_norms_run_per_frame_in_the_loaded_unet(tiny_pipe):
 
 def test_cli_defaults_are_the_releases():
     from idanimator.cli import build_parser
+    from idanimator.cli.generate import settings_from_args
 
     args = build_parser().parse_args(["generate", "--face", "x", "--prompt", "p", "--out", "o.mp4"])
+    settings_from_args(args)  # steps and guidance: the release's unless --fast
     assert args.negative_prompt == RELEASE_NEGATIVE_PROMPT
     assert args.num_frames == RELEASE_FRAMES
     assert args.steps == RELEASE_STEPS

@@ -97,6 +97,31 @@ def test_a_video_of_one_segment_is_streamed_as_itself(studio, astronaut_path):
     assert read_video(segments[0]).shape[0] == SEGMENT_FRAMES
 
 
+def test_a_request_with_every_option_leaves_the_next_plain_video_as_it_was(studio, astronaut_path, tmp_path):
+    """Fast mode, FreeInit, a style LoRA and a canny ControlNet together, between two plain requests."""
+    from skimage import data
+
+    from idanimator.video import write_mp4
+
+    image = data.astronaut()
+    drive = write_mp4([image[8 * i : 8 * i + 320, 6 * i : 6 * i + 320] for i in range(8)], tmp_path / "drive.mp4")
+    plain = read_video(finish(studio, request(astronaut_path))[-1].video)
+    lora = next(iter(studio.loras()))
+    options = dict(fast=True, free_init=True, loras=[f"{lora}:0.7"], control="canny", control_video=str(drive))
+    with_options = read_video(finish(studio, request(astronaut_path, **options))[-1].video)
+    assert not np.array_equal(with_options, plain)
+    assert np.array_equal(read_video(finish(studio, request(astronaut_path))[-1].video), plain)
+
+
+def test_options_are_checked_with_a_sentence_before_any_work(studio, astronaut_path):
+    with pytest.raises(InvalidRequestError, match="Unknown LoRA 'nope'"):
+        studio.prepare(request(astronaut_path, loras=["nope"]))
+    with pytest.raises(InvalidRequestError, match="Give one frame for each of the 2 control images"):
+        studio.prepare(
+            request(astronaut_path, control="sparse-rgb", control_images=[astronaut_path] * 2, control_frames="3")
+        )
+
+
 def test_second_request_does_not_reload_models(studio, astronaut_path):
     finish(studio, request(astronaut_path))
     loads = dict(studio.service.loads)

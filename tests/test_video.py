@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from idanimator.errors import IDAnimatorError, InvalidRequestError
-from idanimator.video import Mp4Writer, mp4_frame_count, save_video, to_uint8_frames, write_gif, write_mp4, write_png_frames
+from idanimator.video import (
+    Mp4Writer,
+    mp4_frame_count,
+    save_video,
+    to_uint8_frames,
+    write_gif,
+    write_mp4,
+    write_png_frames,
+)
 from tests.helpers import probe_video, read_video
 
 

@@ -27,13 +27,11 @@ def _generate(args: argparse.Namespace) -> int:
         raise IDAnimatorError(
             "generate needs --face, --prompt and --out (or --faces-dir, --prompts and --out-dir for a batch)."
         )
-    from ..settings import GenerationSettings
     from ..video import check_output_path
 
     # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
-    _fill_mode_defaults(args)
-    settings = GenerationSettings.taken_from(args).validate()
-    extras = extras_from_args(args).validate(settings.num_frames)
+    settings = settings_from_args(args).validate()
+    extras = _check_loras(extras_from_args(args).validate(settings.num_frames))
     fps = limits.FPS.check(args.fps)
     check_output_path(args.out)
 
@@ -66,14 +64,25 @@ def _write_video(pipe, latents, out: Path, fps: int) -> Path:
     return writer.path
 
 
-def _fill_mode_defaults(args: argparse.Namespace) -> None:
-    """Steps and guidance not given: the release's, or the fast mode's own."""
-    from ..extras.spec import FAST_GUIDANCE, FAST_STEPS
+def settings_from_args(args: argparse.Namespace):
+    """The settings the flags ask for (not validated yet). Steps and guidance not given are the release's, or
+    the fast mode's own with --fast."""
+    from ..settings import GenerationSettings
 
     if args.steps is None:
         args.steps = FAST_STEPS if args.fast else limits.STEPS.default
     if args.guidance_scale is None:
         args.guidance_scale = FAST_GUIDANCE if args.fast else limits.GUIDANCE.default
+    return GenerationSettings.taken_from(args)
+
+
+def _check_loras(extras):
+    """A LoRA file that is missing (or a pickle) is refused before anything loads; Hub ids are checked later."""
+    from ..extras.lorafiles import check_source
+
+    for lora in extras.loras:
+        check_source(lora.source)
+    return extras
 
 
 def extras_from_args(args: argparse.Namespace):
@@ -87,17 +96,11 @@ def extras_from_args(args: argparse.Namespace):
     elif args.control_image or args.control_video:
         raise IDAnimatorError("--control-image and --control-video need --control KIND.")
     loras = tuple(LoraSpec.parse(text) for text in args.lora or ())
-    if loras:
-        from ..extras.lorafiles import check_source
-
-        for lora in loras:
-            check_source(lora.source)  # a missing file or a pickle is refused before anything loads
     return Extras(loras=loras, free_init=args.free_init, fast=args.fast, control=control)
 
 
 def _generate_batch(args: argparse.Namespace) -> int:
     from ..eval.batch import face_photos, parse_seeds, plan, read_prompts, run_batch, still_to_make, write_manifest
-    from ..settings import GenerationSettings
 
     if any(getattr(args, flag) is not None for flag in ("face", "prompt", "out", "seed")):
         raise IDAnimatorError("A batch (--faces-dir, --prompts, --out-dir) takes no --face, --prompt, --out or --seed.")
@@ -105,11 +108,10 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if missing:
         raise IDAnimatorError(f"A batch also needs {' and '.join(missing)}.")
     # Cheap checks first: every prompt, setting and photo is checked before the model loads.
-    _fill_mode_defaults(args)
     prompts = read_prompts(args.prompts)
-    base = GenerationSettings.taken_from(args)
+    base = settings_from_args(args)
     settings = [replace(base, prompt=prompt, seed=None).validate() for prompt in prompts][0]
-    extras = extras_from_args(args).validate(settings.num_frames)
+    extras = _check_loras(extras_from_args(args).validate(settings.num_frames))
     fps = limits.FPS.check(args.fps)
     jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
     todo = still_to_make(jobs, args.out_dir, args.overwrite)
