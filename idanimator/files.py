@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +89,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new folder beside ``path`` to fill; on success it replaces ``path``, on any failure it is removed,
+    so an interrupted build never leaves a half-made folder under the name (the tiny kits use it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = path.parent / f"{path.name}.building-{secrets.token_hex(4)}"
+    work.mkdir()  # not mkdtemp: the folder gets the user's umask, not 0700
+    try:
+        yield work
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(work, path)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)

@@ -84,6 +84,9 @@ class StudioOptions:
     # prepare() builds the pipeline (so execute() only runs it). False on ZeroGPU, where only the main thread
     # may place models "on cuda" outside the GPU worker: prepare() then only downloads the backbone.
     load_in_prepare: bool = True
+    # Stream the video while it is decoded only when decoding takes at least this long (seconds, estimated from
+    # the first segment); faster, the finished video comes as soon as a stream would (benchmarks/RESULTS.md).
+    stream_after_s: float = 1.0
 
 
 @dataclass
@@ -355,21 +358,25 @@ class Studio:
         return (yield from _in_worker(work, stop))
 
     def _write(self, pipe, job: Job, result, stop: threading.Event, stream: bool, emit) -> Path:
-        """Decode the video a segment at a time (emitting each as a short MP4 when `stream`), then write it."""
-        one_segment = job.settings.num_frames <= SEGMENT_FRAMES  # then the video itself is streamed
-        segments = self.outputs.new_folder() if stream and not one_segment else None
+        """Decode the video a segment at a time (emitting each as a short MP4 when `stream` and decoding is slow
+        enough for it to matter), then write it."""
+        starts = range(0, job.settings.num_frames, SEGMENT_FRAMES)
+        segments = None
         with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.fps) as whole:  # chunk by chunk: flat memory
-            for start in range(0, job.settings.num_frames, SEGMENT_FRAMES):
+            for index, start in enumerate(starts):
                 if stop.is_set():
                     raise GenerationCancelled("Generation was stopped.")
+                began = time.monotonic()
                 chunk = pipe.decode(result.latents, start, start + SEGMENT_FRAMES)
+                if index == 0 and stream:  # each segment costs gradio an ffprobe and a mux: stream slow decodes only
+                    stream = (time.monotonic() - began) * len(starts) >= self.options.stream_after_s
+                    segments = self.outputs.new_folder() if stream and len(starts) > 1 else None
                 whole.write(chunk)
                 if segments is not None:
                     emit(Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.fps)))
-        video = whole.path
-        if stream and one_segment:
-            emit(Segment(video))
-        return video
+        if stream and segments is None:  # one segment: the video itself is streamed
+            emit(Segment(whole.path))
+        return whole.path
 
     def run(
         self,

@@ -147,6 +147,30 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         page.get_by_text("Seed used: 77").wait_for(timeout=180_000)
         page.locator("#estimate").get_by_text("Estimated denoising time").wait_for(timeout=30_000)
         assert page.locator("#history").get_by_text("seed 77").count() >= 1
+        # Then a long video (past the motion module's 32 frames) with FreeInit and a sketch keyframe at frame 3.
+        page.locator("#fast input").uncheck()
+        page.locator("#free-init input").check()
+        page.locator("#control-kind input").click()
+        page.get_by_role("option", name="Sketch keyframes (SparseCtrl)").click()
+        page.locator("#control-images input[type=file]").set_input_files(str(no_face_path))
+        page.locator("#control-frames textarea").fill("3")
+        page.locator("#control-frames textarea").press("Tab")
+        page.locator("#control-preview").get_by_text("frame 3").first.wait_for(timeout=60_000)
+        page.locator("#steps input[type=number]").fill("2")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#seed input").fill("78")
+        page.locator("#generate").click()
+        page.get_by_text("Seed used: 78").wait_for(timeout=180_000)
+        page.locator("#control-kind input").click()
+        page.get_by_role("option", name="None").click()  # SparseCtrl has no long-video windows
+        page.locator("#frames input[type=number]").fill("40")
+        page.locator("#frames input[type=number]").press("Enter")
+        page.locator("#seed input").fill("79")
+        page.locator("#generate").click()
+        page.get_by_text("Seed used: 79").wait_for(timeout=180_000)
+        page.wait_for_function(  # 40 frames at 9 fps
+            "() => { const v = document.querySelector('#result video'); return v && v.duration > 4; }", timeout=30_000
+        )
 
         # A phone: the examples fit, captions stay whole (the settings table may scroll sideways there).
         page.set_viewport_size(PHONE)

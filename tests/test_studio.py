@@ -28,7 +28,8 @@ from tests.helpers import read_video
 @pytest.fixture(scope="module")
 def studio(tiny_kit, detector, tmp_path_factory):
     return Studio(
-        StudioOptions(tiny=True, device="cpu", output_dir=tmp_path_factory.mktemp("outputs")), detector=detector
+        StudioOptions(tiny=True, device="cpu", output_dir=tmp_path_factory.mktemp("outputs"), stream_after_s=0),
+        detector=detector,
     )
 
 
@@ -87,6 +88,20 @@ def test_a_run_streams_progress_previews_segments_then_the_video(studio, astrona
     done = events[-1]
     assert read_video(done.video).shape == (12, 64, 64, 3)
     assert done.seed == 11 and done.settings["seed"] == 11
+
+
+def test_a_video_decoded_quickly_is_not_streamed(studio, astronaut_path):
+    """Streaming costs gradio two processes a segment: below `stream_after_s` of decoding, only the video comes."""
+    from dataclasses import replace
+
+    before = studio.options
+    studio.options = replace(before, stream_after_s=60)
+    try:
+        events = finish(studio, request(astronaut_path, num_frames=12))
+    finally:
+        studio.options = before
+    assert not [e for e in events if isinstance(e, Segment)]
+    assert read_video(events[-1].video).shape[0] == 12
 
 
 def test_a_video_of_one_segment_is_streamed_as_itself(studio, astronaut_path):

@@ -121,7 +121,9 @@ def remove_loras(pipe, names: list[str], others: dict[str, float]) -> None:
     present = {name for names_ in pipe.get_list_adapters().values() for name in names_}
     ours = [name for name in names if name in present]
     if ours:
-        pipe.delete_adapters(ours)
+        with warnings.catch_warnings():  # PEFT then turns on a kept, inactive adapter (fast mode's, which turns
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")  # it off)
+            pipe.delete_adapters(ours)
     for model in (pipe.unet, pipe.text_encoder):
         if not getattr(model, "peft_config", None) and _count_layers(model, None):
             _strip_peft(model)

@@ -9,15 +9,13 @@ parameter that starts at zero gets random values: the tiny models then steer the
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..extras.control_models import ControlModels
 from ..extras.spec import CONTROL_KINDS
+from ..files import atomic_folder
 
 CONTROL_KIT_VERSION = 2
 _EMBEDDING_CHANNELS = (8, 8, 16, 16)  # the condition encoder: three stride-2 convolutions, images -> latents' size
@@ -36,18 +34,9 @@ def tiny_control_models(root: str | Path | None = None, base: str | Path | None 
     marker = root / "control-kit.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == CONTROL_KIT_VERSION:
         return paths
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = root.parent / f"{root.name}.building-{secrets.token_hex(4)}"
-    work.mkdir()
-    try:
+    with atomic_folder(root) as work:
         _build(work, base)
         (work / "control-kit.json").write_text(json.dumps({"version": CONTROL_KIT_VERSION}))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(work, root)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return paths
 
 

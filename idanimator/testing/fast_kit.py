@@ -11,13 +11,11 @@ configuration and other random weights, and a LoRA on the kit UNet's attention l
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_folder
 from ..registry import ANIMATELCM_LORA as LORA_FILE
 
 FAST_KIT_VERSION = 1
@@ -97,19 +95,10 @@ def build_fast_kit(
     if (root / "kit.json").is_file():
         return paths
     kit = kit or build_tiny_kit(default_tiny_dir())
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = root.parent / f"{root.name}.building-{secrets.token_hex(4)}"
-    work.mkdir()
-    try:
+    with atomic_folder(root) as work:
         torch.manual_seed(seed)  # the kit's configuration, other random weights
         MotionAdapter.from_config(MotionAdapter.load_config(kit["motion_adapter"])).save_pretrained(work)
         unet = UNet2DConditionModel.from_pretrained(kit["base"], subfolder="unet")
         save_file(kohya_lora(unet, seed=seed), str(work / LORA_FILE), metadata={"format": "pt"})
         (work / "kit.json").write_text(json.dumps({"version": FAST_KIT_VERSION, "seed": seed}))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(work, root)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return paths

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from ..adapter import FaceAdapterWeights, resampler_from_diffusers, save_official_checkpoint
+from ..files import atomic_folder
 
 KIT_VERSION = 2  # 2: the tokenizer merges letter pairs
 TINY_CROSS_ATTENTION_DIM = 32
@@ -234,10 +233,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
     marker = root / "kit.json"
     if marker.is_file() and not force:
         return paths
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = root.parent / f"{root.name}.building-{secrets.token_hex(4)}"
-    work.mkdir()  # not mkdtemp: the kit gets the user's umask, not 0700
-    try:
+    with atomic_folder(root) as work:
         torch.manual_seed(seed)
         work_paths = tiny_kit_paths(work)
         _tiny_base(work_paths["base"], release_scheduler())
@@ -247,12 +243,6 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
         save_official_checkpoint(random_face_adapter(sizes, seed=seed), work_paths["face_adapter"])
         export_single_file(work_paths["base"], work_paths["single_file"])
         (work / "kit.json").write_text(json.dumps({"version": KIT_VERSION, "seed": seed}))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(work, root)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return paths
 
 
