@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One CPU thread for torch here and in the app servers the tests start: the tiny models are bound by Python,
 # not arithmetic, and on a shared 2-core machine two OpenMP threads stall each other (a tiny generation took
 # 0.5 s on one thread and 3-14 s on two under load).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_sessionfinish(session, exitstatus):

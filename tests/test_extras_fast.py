@@ -15,16 +15,6 @@ SETTINGS = dict(num_frames=4, steps=2, height=64, width=64, seed=7)
 FAST = Extras(fast=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On two cores shared with other work, torch's thread per core stalls whenever a core is taken (about 3x
-    slower here under load): these tests compare their own runs only, so they run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fast_kit(tiny_kit):
     from idanimator.testing.fast_kit import build_fast_kit

@@ -18,16 +18,6 @@ from idanimator.settings import GenerationSettings
 from idanimator.testing.loras import save_sdxl_lora, save_tiny_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on cores shared with other work OpenMP's waiting
-    threads made these tests 20-50 times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def crops(tiny_pipe, astronaut_path, second_face):
     return tiny_pipe.prepare_faces([astronaut_path, second_face])

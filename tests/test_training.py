@@ -30,15 +30,6 @@ FACE_FRAMES = (0, 6, 12, 18)
 TINY_RUN = ["--tiny", "--frames", "4", "--stride", "2", "--size", "64", "--workers", "0", "--seed", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than they save on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, detector, astronaut):
     from idanimator.face import crop_face
