@@ -1,7 +1,7 @@
 """idanimator's Gradio page: a face photo and a prompt in, an identity-preserving video out.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--share] [--device cuda] [--offload auto]
-                  [--tiny] [--allow-custom-backbones] [--output-dir DIR] [--max-outputs N]
+                  [--tiny] [--allow-custom-backbones] [--output-dir DIR] [--max-outputs N] [--lora-dir DIR]
 
 Only widgets and events live here; the work is in `idanimator.studio`. Runs unchanged as a Hugging
 Face Space: the GPU part of a request is wrapped with `spaces.GPU` (a pass-through elsewhere), and on
