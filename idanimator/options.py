@@ -7,6 +7,7 @@ sentence each and builds the validated options.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +40,18 @@ def keyframe_indices(text: str, count: int, num_frames: int) -> list[int]:
     return frames
 
 
-def extras_for(request, num_frames: int, offered_loras: dict[str, Path]) -> Extras:
-    """The validated options of a request (an object with the fields of ``studio.Request``)."""
+def extras_for(request, num_frames: int, offered_loras: Callable[[], dict[str, Path]]) -> Extras:
+    """The validated options of a request (an object with the fields of ``studio.Request``). ``offered_loras``
+    lists the LoRAs by name; it is asked only when the request names some (it reads a folder)."""
     loras = []
+    offered = offered_loras() if request.loras else {}
     for choice in request.loras or []:
         spec = LoraSpec.parse(choice)
-        if spec.source not in offered_loras:
-            names = ", ".join(offered_loras) or "none are offered here"
+        if spec.source not in offered:
+            names = ", ".join(offered) or "none are offered here"
             raise InvalidRequestError(f"Unknown LoRA {spec.source!r}; choose from: {names}.")
         weight = spec.weight if ":" in str(choice) else request.lora_weight
-        loras.append(LoraSpec(str(offered_loras[spec.source]), weight))
+        loras.append(LoraSpec(str(offered[spec.source]), weight))
     control = None
     if request.control:
         images = [image for image in (request.control_images or []) if image is not None]

@@ -135,12 +135,11 @@ class Job:
     created: float = field(default_factory=time.monotonic)
 
     def work_units(self) -> float:
-        """Denoising work in UNet frame-steps at 512x512 (with guidance two UNet passes a step, FreeInit
-        several denoising passes): what a video's time is proportional to, for estimates."""
-        s = self.settings
-        cfg = 2 if s.guidance_scale > 1 else 1
-        passes = 3 if self.extras.free_init else 1
-        return s.steps * s.num_frames * cfg * passes * s.height * s.width / (512 * 512)
+        """Denoising work in UNet frame-steps at 512x512 (guidance, FreeInit's passes and long videos' windows
+        counted): what a video's time is proportional to, for estimates."""
+        from .extras.longvideo import work_units
+
+        return work_units(self.settings, self.extras)
 
     def gpu_seconds(self) -> int:
         """A generous estimate of the GPU time this job needs (for spaces.GPU's duration)."""
@@ -215,7 +214,7 @@ class Studio:
     def loras(self) -> dict[str, Path]:
         """The style LoRAs a request may name (files in the operator's folder; the tiny kit's in tiny mode)."""
         folder = self.options.lora_dir or self.service.options.lora_dir
-        return lora_files(folder() if callable(folder) else folder)
+        return lora_files(folder() if callable(folder) else folder)  # listed when a request names LoRAs
 
     def backbones(self) -> list[str]:
         """The backbone names a request may pick (the first is the default)."""
@@ -275,7 +274,7 @@ class Studio:
             request.custom_backbone,
             self.options.allow_custom_backbones,
         )
-        extras = extras_for(request, settings.num_frames, self.loras())
+        extras = extras_for(request, settings.num_frames, self.loras)
         crops, notes = self.prepare_faces(request.faces)
         if self.options.load_in_prepare:
             with self._run_lock, self.service.guard():
@@ -291,7 +290,7 @@ class Studio:
             return None
         try:
             settings = GenerationSettings.taken_from(request).validate()
-            extras = extras_for(replace(request, loras=[]), settings.num_frames, {})  # LoRAs hardly change the time
+            extras = extras_for(replace(request, loras=[]), settings.num_frames, dict)  # LoRAs hardly change the time
             job = Job(settings=settings, crops=[], backbone="", fps=8, extras=extras)
         except IDAnimatorError:
             return None
@@ -303,7 +302,7 @@ class Studio:
         from .extras.conditions import preview_condition
 
         settings = GenerationSettings.taken_from(request).validate()
-        extras = extras_for(request, settings.num_frames, self.loras())
+        extras = extras_for(request, settings.num_frames, self.loras)
         if extras.control is None:
             return []
         return preview_condition(extras.control, settings.num_frames, (settings.height, settings.width))

@@ -114,6 +114,16 @@ def generate_over_http(client, face, seed: int = 3, frames: int = 8, extras: tup
     )
 
 
+def moving_face_video(folder: Path, frames: int) -> Path:
+    """A short MP4 of a moving real face (scikit-image's astronaut, public domain), e.g. to drive a ControlNet."""
+    from skimage import data
+
+    from idanimator.video import write_mp4
+
+    image = data.astronaut()
+    return write_mp4([image[8 * i : 8 * i + 320, 6 * i : 6 * i + 320] for i in range(frames)], folder / "drive.mp4")
+
+
 # -- reading videos back (test-only readers) ----------------------------------------------------
 
 

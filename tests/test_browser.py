@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import running_app
+from tests.helpers import moving_face_video, running_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -37,16 +37,6 @@ OVERFLOW = """e => Math.max(e.scrollWidth - e.clientWidth,
 # The ids of the components whose status tracker says "Error".
 ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-tracker]')]
     .filter(t => t.offsetParent !== null && t.innerText.includes('Error')).map(t => t.closest('[id]')?.id)"""
-
-
-def driving_video(folder: Path) -> Path:
-    """A short video of a moving real face (scikit-image's astronaut), to drive a ControlNet."""
-    from skimage import data
-
-    from idanimator.video import write_mp4
-
-    image = data.astronaut()
-    return write_mp4([image[8 * i : 8 * i + 320, 6 * i : 6 * i + 320] for i in range(10)], folder / "drive.mp4")
 
 
 def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit):
@@ -139,7 +129,7 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         page.locator("#control").get_by_text("Control: sketch").click()
         page.locator("#control-kind input").click()
         page.get_by_role("option", name="Edges from a video (canny ControlNet)").click()
-        page.locator("#control-video input[type=file]").set_input_files(str(driving_video(tmp_path)))
+        page.locator("#control-video input[type=file]").set_input_files(str(moving_face_video(tmp_path, 10)))
         page.locator("#control-preview img").first.wait_for(timeout=60_000)  # the edges the model will get
         assert page.locator("#control-preview img").count() == 8
         page.locator("#seed input").fill("77")

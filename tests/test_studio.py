@@ -22,7 +22,7 @@ from idanimator.studio import (
     StudioOptions,
     face_strip,
 )
-from tests.helpers import read_video
+from tests.helpers import moving_face_video, read_video
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,7 @@ def test_a_video_of_one_segment_is_streamed_as_itself(studio, astronaut_path):
 
 def test_a_request_with_every_option_leaves_the_next_plain_video_as_it_was(studio, astronaut_path, tmp_path):
     """Fast mode, FreeInit, a style LoRA and a canny ControlNet together, between two plain requests."""
-    from skimage import data
-
-    from idanimator.video import write_mp4
-
-    image = data.astronaut()
-    drive = write_mp4([image[8 * i : 8 * i + 320, 6 * i : 6 * i + 320] for i in range(8)], tmp_path / "drive.mp4")
+    drive = moving_face_video(tmp_path, 8)
     plain = read_video(finish(studio, request(astronaut_path))[-1].video)
     lora = next(iter(studio.loras()))
     options = dict(fast=True, free_init=True, loras=[f"{lora}:0.7"], control="canny", control_video=str(drive))

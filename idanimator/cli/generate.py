@@ -54,13 +54,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _write_video(pipe, latents, out: Path, fps: int) -> Path:
     """Decode and write the video; an MP4 a few frames at a time, so a long video never sits in memory whole."""
+    from ..extras.longvideo import decode_in_chunks
     from ..video import Mp4Writer, save_video
 
     if out.suffix.lower() != ".mp4":
         return save_video(pipe.decode(latents), out, fps=fps)
     with Mp4Writer(out, fps=fps) as writer:
-        for start in range(0, latents.shape[2], DECODE_FRAMES):
-            writer.write(pipe.decode(latents, start, start + DECODE_FRAMES))
+        for chunk in decode_in_chunks(pipe, latents, DECODE_FRAMES):
+            writer.write(chunk)
     return writer.path
 
 

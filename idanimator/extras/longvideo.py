@@ -158,16 +158,20 @@ def unet_frames(num_frames: int, max_frames: int = 32) -> float:
     return num_frames * (1 - WINDOWED_SHARE) + windows * length * WINDOWED_SHARE
 
 
-def estimate_seconds(settings, seconds_per_frame_step: float, extras=None, max_frames: int = 32) -> float:
-    """Seconds the denoising of a request should take, before it runs.
-
-    ``seconds_per_frame_step``: one UNet evaluation of one 512x512 frame for one guidance branch on this
-    machine (measure it once: a plain run's denoising seconds / (steps x frames x 2)). The estimate is that
-    times steps x FreeInit passes x (2 with classifier-free guidance) x :func:`unet_frames` x pixels / 512^2.
-    Decoding is not included (about one UNet evaluation per frame, once).
-    """
+def work_units(settings, extras=None, max_frames: int = 32) -> float:
+    """A request's denoising work in UNet evaluations of one 512x512 frame for one guidance branch: steps x
+    FreeInit passes x (2 with classifier-free guidance) x :func:`unet_frames` x pixels / 512^2. Decoding is not
+    included (about one UNet evaluation per frame, once)."""
     passes = freeinit.passes(extras) if extras is not None else 1
     branches = 2 if settings.guidance_scale > 1 else 1
     pixels = settings.height * settings.width / REFERENCE_PIXELS
-    work = settings.steps * passes * branches * unet_frames(settings.num_frames, max_frames) * pixels
-    return seconds_per_frame_step * work
+    return settings.steps * passes * branches * unet_frames(settings.num_frames, max_frames) * pixels
+
+
+def estimate_seconds(settings, seconds_per_frame_step: float, extras=None, max_frames: int = 32) -> float:
+    """Seconds the denoising of a request should take, before it runs.
+
+    ``seconds_per_frame_step``: one unit of :func:`work_units` on this machine (measure it once: a plain run's
+    denoising seconds / its work units).
+    """
+    return seconds_per_frame_step * work_units(settings, extras, max_frames)
