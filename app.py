@@ -2,6 +2,7 @@
 
     python app.py [--host 127.0.0.1] [--port 7860] [--share] [--device cuda] [--offload auto]
                   [--tiny] [--allow-custom-backbones] [--output-dir DIR] [--max-outputs N] [--lora-dir DIR]
+                  [--max-frames N] [--max-steps N] [--max-work X] [--max-jobs-per-visitor N] [--queue-size N]
 
 Only widgets and events live here; the work is in `idanimator.studio`. Runs unchanged as a Hugging
 Face Space: the GPU part of a request is wrapped with `spaces.GPU` (a pass-through elsewhere), and on
@@ -35,14 +36,63 @@ def argument_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let users load local files/folders and any Hub id (operators only)",
     )
-    parser.add_argument("--output-dir", default=None, help="where videos are written (default: a temp folder)")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="videos go into DIR/idanimator-outputs, served to anyone who knows a name (default: a temp folder)",
+    )
     parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
     parser.add_argument("--lora-dir", default=None, help="style LoRAs offered by name: NAME.safetensors files")
+    # What one request or visitor may ask for (settings.py imports no torch, so --help stays instant).
+    from idanimator.settings import ServingLimits
+
+    cap = ServingLimits()
+    caps = parser.add_argument_group("limits per request and visitor (the defaults suit a public Space)")
+    caps.add_argument("--max-frames", type=int, default=cap.max_frames, help="frames per video (default %(default)s)")
+    caps.add_argument("--max-steps", type=int, default=cap.max_steps, help="denoising steps (default %(default)s)")
+    caps.add_argument(
+        "--max-work",
+        type=float,
+        default=cap.max_work,
+        help="a request's denoising work, in multiples of the release's default video (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-jobs-per-visitor",
+        type=int,
+        default=cap.jobs_per_visitor,
+        help="videos one visitor may have waiting or running (default %(default)s)",
+    )
+    caps.add_argument(
+        "--queue-size", type=int, default=cap.queue_size, help="requests waiting, all visitors (default %(default)s)"
+    )
     return parser
+
+
+def serving_limits(args: argparse.Namespace):
+    """The operator's caps as the studio's ServingLimits; a value out of range is one sentence."""
+    from idanimator.settings import FRAMES, STEPS, ServingLimits
+
+    for flag, value, low, high in (
+        ("--max-frames", args.max_frames, 1, FRAMES.high),
+        ("--max-steps", args.max_steps, 1, STEPS.high),
+        ("--max-work", args.max_work, 0.01, 1e6),
+        ("--max-jobs-per-visitor", args.max_jobs_per_visitor, 1, 1000),
+        ("--queue-size", args.queue_size, 1, 10000),
+    ):
+        if not low <= value <= high:
+            raise SystemExit(f"error: {flag} must be between {low:g} and {high:g} (got {value:g}).")
+    return ServingLimits(
+        max_frames=args.max_frames,
+        max_steps=args.max_steps,
+        max_work=args.max_work,
+        jobs_per_visitor=args.max_jobs_per_visitor,
+        queue_size=args.queue_size,
+    )
 
 
 if __name__ == "__main__":
     ARGS = argument_parser().parse_args()  # --help and bad arguments answer here, in a fraction of a second
+    serving_limits(ARGS)
     from idanimator.console import quiet_libraries
 
     quiet_libraries()  # before torch, diffusers and transformers are imported (below)
@@ -67,7 +117,6 @@ from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio,
 log = logging.getLogger("idanimator.app")
 
 MAX_UPLOAD = "20mb"  # per file; larger uploads are refused before they reach Python
-QUEUE_MAX_SIZE = 16  # requests waiting; past that, gradio answers "Queue is full! Please try again."
 STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
 ZERO_GPU = bool(spaces.config.Config.zero_gpu)
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -180,9 +229,11 @@ def starting_values(engine: Studio) -> dict:
     )
 
 
-def slider(limit: limits.Limit, value, label: str | None = None, **kwargs) -> gr.Slider:
-    """A slider whose range and step are the setting's own (the library validates with the same Limit)."""
-    return gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label or limit.label, **kwargs)
+def slider(limit: limits.Limit, value, label: str | None = None, maximum=None, **kwargs) -> gr.Slider:
+    """A slider whose range and step are the setting's own (the library validates with the same Limit), up to
+    ``maximum`` when the operator caps it (gradio then refuses larger values from API callers too)."""
+    high = limit.high if maximum is None else min(limit.high, maximum)
+    return gr.Slider(limit.low, high, value=value, step=limit.step, label=label or limit.label, **kwargs)
 
 
 # -- handlers (plain functions) ------------------------------------------------------------------
@@ -434,7 +485,7 @@ class Page(gr.Blocks):
             if not exc.print_exception:
                 raise
             log.info("refused a request: %s", exc.message)
-            raise gr.Error(exc.message, duration=MESSAGE_SECONDS, print_exception=False) from None
+            raise _error(str(exc.message)) from None  # escaped: gradio's sentence may quote what the sender sent
 
 
 def build_demo(engine: Studio | None = None) -> gr.Blocks:
@@ -442,6 +493,9 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
     if engine is not None:
         _studio = engine
     engine = studio()
+    caps = engine.options.serving_limits or limits.ServingLimits(
+        max_frames=limits.FRAMES.high, max_steps=limits.STEPS.high, max_work=float("inf"), jobs_per_visitor=0
+    )  # an engine made without caps (tests, a library user's own page): the library's ranges, no visitor cap
     defaults = starting_values(engine)
     banner_markdown = banner_text(engine)
     # Gradio keeps its own copies of served files: drop them after an hour, checked hourly.
@@ -466,7 +520,10 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 )
                 face_notes = gr.Markdown(elem_id="face-notes")
                 prompt = gr.Textbox(
-                    label="Prompt", placeholder="a man playing guitar on a beach at sunset", elem_id="prompt"
+                    label="Prompt",
+                    placeholder="a man playing guitar on a beach at sunset",
+                    max_length=limits.MAX_TEXT_CHARS,
+                    elem_id="prompt",
                 )
                 backbone = gr.Dropdown(
                     backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
@@ -492,6 +549,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         value=DEFAULT_NEGATIVE_PROMPT,
                         lines=3,
                         max_lines=8,
+                        max_length=limits.MAX_TEXT_CHARS,
                         elem_id="negative-prompt",
                     )
                     add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
@@ -501,8 +559,8 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         "ID scale (higher: more like the photo; lower: follows the prompt)",
                         elem_id="id-scale",
                     )
-                    frames = slider(limits.FRAMES, defaults["num_frames"], elem_id="frames")
-                    steps = slider(limits.STEPS, defaults["steps"], elem_id="steps")
+                    frames = slider(limits.FRAMES, defaults["num_frames"], elem_id="frames", maximum=caps.max_frames)
+                    steps = slider(limits.STEPS, defaults["steps"], elem_id="steps", maximum=caps.max_steps)
                     guidance = slider(limits.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
                     fps = slider(limits.FPS, defaults["fps"], elem_id="fps")
                     resolution = gr.Radio(
@@ -538,8 +596,10 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         label="Their frames, in upload order (e.g. 0, 15; empty: spread over the video)",
                         elem_id="control-frames",
                     )
-                    control_video = gr.File(
-                        label="Driving video (pose, depth or edges)", file_types=["video"], elem_id="control-video"
+                    control_video = gr.File(  # gradio's "video" type leaves GIF out
+                        label="Driving video (pose, depth or edges): MP4, WebM, MOV or GIF",
+                        file_types=["video", ".gif"],
+                        elem_id="control-video",
                     )
                     control_strength = slider(CONTROL_STRENGTH, 1.0, "Control strength", elem_id="control-strength")
                     control_preview = gr.Gallery(
@@ -648,8 +708,52 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         for widget in (frames, steps, guidance, resolution, fast, free_init):
             widget.change(show_estimate, request_inputs, estimate, queue=False, api_visibility="private")
         event.then(show_estimate, request_inputs, estimate, queue=False, show_progress="hidden")
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
+    demo.queue(default_concurrency_limit=1, max_size=caps.queue_size)
+    if caps.jobs_per_visitor:
+        limit_jobs_per_visitor(demo, "generate", caps.jobs_per_visitor)
     return demo
+
+
+def visitor(request) -> str:
+    """Who sent a request: the connection's address, or behind a proxy on a private address (a Space's), the
+    address that proxy saw (the last X-Forwarded-For entry; earlier entries are whatever the client wrote)."""
+    import ipaddress
+
+    peer = request.client.host if request.client else ""
+    forwarded = [part.strip() for part in request.headers.get("x-forwarded-for", "").split(",") if part.strip()]
+    try:
+        behind_proxy = ipaddress.ip_address(peer).is_private  # loopback included
+    except ValueError:
+        behind_proxy = False
+    return forwarded[-1] if forwarded and behind_proxy else peer
+
+
+def limit_jobs_per_visitor(demo: gr.Blocks, api_name: str, most: int) -> None:
+    """Refuse to queue an event ``api_name`` for a visitor who already has ``most`` of them waiting or running,
+    so one visitor cannot fill the queue for everyone. Gradio has no such setting: this wraps its queue's
+    ``push`` (gradio 6.31, pinned; the queue's event lists are read, not changed)."""
+    queue = demo._queue
+    push = queue.push
+
+    def theirs(event, who) -> bool:
+        return event.fn.api_name == api_name and visitor(event.request) == who
+
+    async def push_limited(body, request, username):
+        fn = demo.fns.get(body.fn_index)
+        if fn is not None and fn.api_name == api_name:
+            who = visitor(request)
+            waiting = [e for q in queue.event_queue_per_concurrency_id.values() for e in q.queue]
+            running = [e for job in queue.active_jobs if job for e in job]
+            if sum(theirs(e, who) for e in waiting + running) >= most:
+                log.info("refused a request: %s already has %d videos queued or running", who, most)
+                return (
+                    False,
+                    html.escape(f"You already have {most} videos waiting or being made here; wait for one to finish."),
+                    "error",
+                )
+        return await push(body, request, username)
+
+    queue.push = push_limited
 
 
 def main(args: argparse.Namespace | None = None) -> None:
@@ -670,6 +774,7 @@ def main(args: argparse.Namespace | None = None) -> None:
         max_outputs=args.max_outputs,
         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
         load_in_prepare=not ZERO_GPU,
+        serving_limits=serving_limits(args),
     )
     try:
         engine = Studio(options)

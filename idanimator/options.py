@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import InvalidRequestError
 from .extras.spec import ControlSpec, Extras, KeyFrame, LoraSpec
+from .settings import check_text
 
 LORA_SUFFIXES = (".safetensors",)
 
@@ -28,7 +29,7 @@ def lora_files(folder: Path | None) -> dict[str, Path]:
 def keyframe_indices(text: str, count: int, num_frames: int) -> list[int]:
     """The frame of each of ``count`` control images: from "0, 15" (in upload order), or spread evenly over
     the video when the text is empty."""
-    text = (text or "").strip()
+    text = check_text("The control frames", text, 1000).strip()
     if not text:
         return [int(i) for i in np.linspace(0, num_frames - 1, num=count).round()] if count > 1 else [0] * count
     try:

@@ -1,13 +1,27 @@
-"""The app's output folder: generated files under random names, pruned by age and count so it stays bounded."""
+"""The app's output folder: generated files under random names, pruned by age and count so it stays bounded.
+
+The app writes into a folder of its own, ``idanimator-outputs`` inside the folder the operator names (or the
+system's temporary folder), and serves that folder: anyone who knows a file's random name can download it.
+Pruning removes only entries named as this module names them, so nothing an operator keeps there is touched.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import time
 from pathlib import Path
 
 from .errors import IDAnimatorError
+
+FOLDER_NAME = "idanimator-outputs"  # the app's own folder inside the operator's --output-dir
+_OURS = re.compile(r"[0-9a-f]{16}(\.[a-z0-9]{1,5})?")  # what new_path/new_folder name: 16 hex digits (+ suffix)
+
+
+def own_folder(parent: Path) -> Path:
+    """The folder the app writes into (and serves, and prunes) for an operator's ``--output-dir``."""
+    return Path(parent) / FOLDER_NAME
 
 
 class OutputFolder:
@@ -34,9 +48,13 @@ class OutputFolder:
         return folder
 
     def prune(self) -> None:
-        """Keep the newest `max_files` entries younger than `max_age_s`; remove the rest."""
+        """Keep the newest `max_files` of our entries younger than `max_age_s`; remove the rest of ours.
+
+        Only names this class made are considered (never links), so other files in the folder stay."""
         entries = []
         for entry in self.root.iterdir():
+            if not _OURS.fullmatch(entry.name) or entry.is_symlink():
+                continue
             try:
                 entries.append((entry.stat().st_mtime, entry))
             except FileNotFoundError:  # removed by a concurrent prune

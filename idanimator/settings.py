@@ -71,7 +71,40 @@ WIDTH = Limit("Width", 64, 1024, 512, step=8)
 FPS = Limit("Frames per second", 1, 60, 9)  # the release exports at 9 fps
 SEED = Limit("Seed", 0, MAX_SEED, None)  # None: draw one (and report it)
 
-OFFLOAD_MODES = ("none", "model", "sequential")  # where the models live between uses (see models.place_pipeline)
+# Text a request may carry, in characters, checked before anything reads it (cleaning, tokenising): CLIP sees
+# 77 tokens, so even a long prompt is a few hundred characters; a megabyte of text is an attack, not a prompt.
+MAX_TEXT_CHARS = 4000
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request or one visitor of a served page may ask for (app.py's --max-* and --queue-size flags),
+    so that no visitor can hold the server for long. The defaults suit a public Space; the library and the CLI
+    have none of these caps (their user owns the machine)."""
+
+    max_frames: int = 64
+    max_steps: int = 50
+    max_work: float = 12.0  # denoising work, in multiples of the release's default request (see check)
+    jobs_per_visitor: int = 2  # waiting or running at once
+    queue_size: int = 16  # requests waiting, all visitors together
+
+    def check(self, num_frames: int, steps: int, work_ratio: float) -> None:
+        """InvalidRequestError naming the first cap a request exceeds. ``work_ratio``: its denoising work over
+        that of the release's default request (16 frames, 30 steps, 512x512, guidance 8; FreeInit's passes
+        and long videos' windows counted)."""
+        if num_frames > self.max_frames:
+            raise InvalidRequestError(
+                f"This server makes videos of at most {self.max_frames} frames (asked: {num_frames})."
+            )
+        if steps > self.max_steps:
+            raise InvalidRequestError(f"This server runs at most {self.max_steps} steps (asked: {steps}).")
+        if work_ratio > self.max_work + 1e-9:
+            raise InvalidRequestError(
+                f"This request is {work_ratio:.1f} times the work of a default video and this server takes at most "
+                f"{self.max_work:g} times: use fewer frames or steps, a smaller size, or no FreeInit."
+            )  # where the models live between uses (see models.place_pipeline)
 
 # Sizes a CPU renders in seconds with the tiny random kit (tiny mode's starting values).
 TINY_DEFAULTS = {"num_frames": 8, "steps": 4, "height": 64, "width": 64}
@@ -84,6 +117,20 @@ def parse_seed(value) -> int | None:
     if not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and value == -1:
         return None
     return SEED.check(value)
+
+
+def check_text(label: str, text, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` ("" for None) if it is a string of at most ``limit`` characters; else one sentence naming it."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"{label} must be text (got {type(text).__name__}).")
+    if len(text) > limit:
+        raise InvalidRequestError(
+            f"{label} is {len(text):,} characters long; at most {limit:,} are accepted "
+            "(the model reads about 60 words)."
+        )
+    return text
 
 
 def draw_seed() -> int:
@@ -113,13 +160,13 @@ class GenerationSettings:
 
     def validate(self) -> GenerationSettings:
         """Return a checked copy; a bad value raises InvalidRequestError naming it and its range."""
-        prompt = clean_text(self.prompt or "")
+        prompt = clean_text(check_text("The prompt", self.prompt))
         if not prompt:
             raise InvalidRequestError("The prompt is empty: describe what the person should be doing.")
         return replace(
             self,
             prompt=prompt,
-            negative_prompt=clean_text(self.negative_prompt or ""),
+            negative_prompt=clean_text(check_text("The negative prompt", self.negative_prompt)),
             num_frames=FRAMES.check(self.num_frames),
             steps=STEPS.check(self.steps),
             guidance_scale=GUIDANCE.check(self.guidance_scale),
@@ -132,3 +179,13 @@ class GenerationSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+# -- Reading videos (idanimator.video) -----------------------------------------------------------------------
+# Both are checked from the file's header before any frame is decoded. A frame may have at most this many
+# pixels at the source: every 4K format fits (3840x2160, 4096x2160), 8K does not; ffmpeg's decoder is given the
+# same cap (-max_pixels), so a file whose header lies cannot decode a larger frame either.
+MAX_SOURCE_PIXELS = 4096 * 4096
+# Pixels one read may hand back (frames x width x height at the decoded size, after any downscaling in the
+# decoder): the largest video the product generates (128 frames of 1024x1024, 400 MB as RGB), which also
+# holds a training window of 16 frames of 4K footage. Reads that stream frames one at a time have no such cap.
+MAX_DECODED_PIXELS = FRAMES.high * HEIGHT.high * WIDTH.high

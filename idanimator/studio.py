@@ -25,7 +25,7 @@ from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
 from .extras.spec import Extras
 from .models import LoadOptions
 from .options import extras_for, lora_files
-from .outputs import OutputFolder
+from .outputs import OutputFolder, own_folder
 from .preview import preview_strip, tile_images
 from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
@@ -87,6 +87,8 @@ class StudioOptions:
     # Stream the video while it is decoded only when decoding takes at least this long (seconds, estimated from
     # the first segment); faster, the finished video comes as soon as a stream would (benchmarks/RESULTS.md).
     stream_after_s: float = 1.0
+    # A served page's caps per request (frames, steps, work); None: only the library's own ranges apply.
+    serving_limits: limits.ServingLimits | None = None
 
 
 @dataclass
@@ -169,6 +171,11 @@ class Finished:
     seconds: float = 0.0
 
 
+# The release's default request (16 frames, 30 steps, 512x512, guidance 8) in work units: the serving limits'
+# measure of a request's size.
+_DEFAULT_WORK = Job(settings=GenerationSettings(prompt=""), crops=[], backbone="", fps=limits.FPS.default).work_units()
+
+
 def face_strip(crops: list, size: int = 150):
     """The aligned faces side by side, each `size` pixels square: what the model sees (None if no crops)."""
     return tile_images([crop.image for crop in crops], size) if crops else None
@@ -196,7 +203,7 @@ class Studio:
         else:
             load = LoadOptions.for_device(**common)
         self.service = ModelService(load, detector=detector)
-        root = options.output_dir or Path(tempfile.gettempdir()) / "idanimator-outputs"
+        root = own_folder(options.output_dir or Path(tempfile.gettempdir()))
         self.outputs = OutputFolder(Path(root), options.max_outputs, options.max_output_age_s)
         self._run_lock = threading.Lock()
         self.ready = threading.Event()  # set when warm_up() has finished (successfully or not)
@@ -271,10 +278,13 @@ class Studio:
         settings = GenerationSettings.taken_from(request).validate()
         backbone = self.service.check_backbone(
             request.backbone or self.service.options.default_backbone,
-            request.custom_backbone,
+            limits.check_text("The custom backbone", request.custom_backbone, 1000),
             self.options.allow_custom_backbones,
         )
         extras = extras_for(request, settings.num_frames, self.loras)
+        if self.options.serving_limits is not None:
+            work = Job(settings=settings, crops=[], backbone="", fps=fps, extras=extras).work_units()
+            self.options.serving_limits.check(settings.num_frames, settings.steps, work / _DEFAULT_WORK)
         crops, notes = self.prepare_faces(request.faces)
         if self.options.load_in_prepare:
             with self._run_lock, self.service.guard():

@@ -90,28 +90,25 @@ def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
 NO_EXTRAS = (False, False, [], 1.0, "", [], "", None, 1.0)
 
 
-def generate_over_http(client, face, seed: int = 3, frames: int = 8, extras: tuple = NO_EXTRAS):
-    """Call the app's /generate endpoint the way a client would, with tiny-mode settings."""
+def generate_over_http(
+    client,
+    face,
+    seed: int = 3,
+    frames: int = 8,
+    extras: tuple = NO_EXTRAS,
+    prompt: str = "a person smiling",
+    steps: int = 2,
+    resolution: str = "64x64 (tiny)",
+    submit: bool = False,
+):
+    """Call the app's /generate endpoint the way a client would, with tiny-mode settings (``submit``: return
+    the job at once instead of its outputs)."""
     from gradio_client import handle_file
 
-    return client.predict(
-        [handle_file(str(face))],
-        "a person smiling",
-        "",
-        True,
-        "tiny",
-        "",
-        seed,
-        False,
-        0.8,
-        frames,
-        2,
-        8.0,
-        8,
-        "64x64 (tiny)",
-        *extras,
-        api_name="/generate",
-    )
+    args = [[handle_file(str(face))], prompt, "", True, "tiny", "", seed, False, 0.8, frames, steps, 8.0, 8, resolution]
+    if submit:
+        return client.submit(*args, *extras, api_name="/generate")
+    return client.predict(*args, *extras, api_name="/generate")
 
 
 def moving_face_video(folder: Path, frames: int) -> Path:

@@ -135,7 +135,7 @@ def app_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(app_dir, tiny_kit):
-    with running_app(app_dir) as (url, proc):
+    with running_app(app_dir, "--max-frames", "128", "--max-steps", "100") as (url, proc):  # the library's ranges
         yield Client(url, verbose=False), proc
 
 

@@ -42,7 +42,7 @@ ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-track
 def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit):
     from playwright.sync_api import sync_playwright
 
-    with running_app(tmp_path) as (url, _), sync_playwright() as p:
+    with running_app(tmp_path, "--max-steps", "100") as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport=DESKTOP)
         page.goto(url)

@@ -29,8 +29,9 @@ def generate(url, face, seed):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_kit):
     folder = tmp_path_factory.mktemp("load")
-    with running_app(folder, "--max-outputs", str(MAX_OUTPUTS)) as (url, proc):
-        yield url, proc, folder / "outputs"
+    # One address sends every request here: the per-visitor cap (tests/test_serving.py) is lifted.
+    with running_app(folder, "--max-outputs", str(MAX_OUTPUTS), "--max-jobs-per-visitor", "100") as (url, proc):
+        yield url, proc, folder / "outputs" / "idanimator-outputs"
 
 
 def test_twenty_concurrent_clients_all_succeed_or_are_told_busy(app, astronaut_path):
