@@ -29,7 +29,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection, MultiIPAda
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .files import atomic_path
+from .files import atomic_path, kind_problem
 
 RESAMPLER_DIM_HEAD = 64  # fixed by the release (and by IP-Adapter-Plus)
 
@@ -181,7 +181,7 @@ def load_face_adapter_weights(path: str | Path) -> FaceAdapterWeights:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Face adapter file {path} does not exist.")
+        raise CheckpointError(f"Face adapter file {path} {kind_problem(path, folder=False)}.")
     raw = _read_raw(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} does not hold a dictionary of tensors.")
@@ -194,6 +194,8 @@ def load_face_adapter_weights(path: str | Path) -> FaceAdapterWeights:
 def save_face_adapter_weights(weights: FaceAdapterWeights, path: str | Path) -> Path:
     """Write our layout: one flat safetensors file with `image_proj.*` and `face_adapter.*` keys."""
     path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"The face adapter is written as safetensors, so {path} must end in .safetensors.")
     flat = {f"image_proj.{k}": v for k, v in weights.image_proj.items()}
     flat.update({f"face_adapter.{k}": v for k, v in weights.face_adapter.items()})
     with atomic_path(path) as temp:
@@ -204,6 +206,8 @@ def save_face_adapter_weights(weights: FaceAdapterWeights, path: str | Path) -> 
 def save_official_checkpoint(weights: FaceAdapterWeights, path: str | Path) -> Path:
     """Write the release's `animator.ckpt` layout A (used by the tiny kit and by training)."""
     path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        raise CheckpointError(f"The release's layout is a pickle, so {path} must not end in .safetensors; use .ckpt.")
     with atomic_path(path) as temp:
         torch.save({"image_proj": weights.image_proj, "face_adapter": weights.face_adapter}, str(temp))
     return path

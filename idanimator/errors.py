@@ -40,3 +40,11 @@ class GPUOutOfMemoryError(IDAnimatorError):
 
 class GenerationCancelled(IDAnimatorError):
     """The caller asked to stop; raised at the next denoising step (or before the first)."""
+
+
+class UnreadableVideoError(IDAnimatorError):
+    """A video file is missing, corrupt, has no frames, or is not a media file the reader accepts."""
+
+
+class VideoTooLargeError(UnreadableVideoError):
+    """A video's frames are larger, or it has more of them, than the reader's limits allow (settings)."""

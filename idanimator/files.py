@@ -9,15 +9,17 @@ user asked for. Failures a user can cause become one sentence.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import IDAnimatorError
 
 _DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large")
+_PARTIAL = re.compile(r"\.(?P<stem>.*)\.[0-9a-f]{8}\.partial(?P<suffix>.*)")  # _reserve_temp's names
 
 
 def ensure_folder(folder: Path) -> Path:
@@ -32,6 +34,19 @@ def ensure_folder(folder: Path) -> Path:
             f"The folder {folder} cannot be created ({exc.strerror or exc}); choose another output location."
         ) from exc
     return folder
+
+
+def kind_problem(path: str | os.PathLike[str], *, folder: bool) -> str | None:
+    """None if ``path`` is a folder (``folder``) or a file (else); otherwise what it is instead, to end a
+    sentence such as f"The prompts file {path} {problem}.": "does not exist", "is a folder, not a file", ..."""
+    path = Path(path)
+    if path.is_dir() if folder else path.is_file():
+        return None
+    if path.is_dir():
+        return "is a folder, not a file"
+    if path.exists():
+        return "is a file, not a folder" if folder else "is not a regular file"
+    return "does not exist"
 
 
 def write_error(folder: Path, exc: OSError | str) -> IDAnimatorError:
@@ -59,6 +74,28 @@ def _reserve_temp(path: Path) -> Path:
     except OSError as exc:
         raise write_error(path.parent, exc) from exc
     return temp
+
+
+def is_hidden(path: Path) -> bool:
+    """A dot file: what :func:`atomic_path` writes before the rename (``.NAME.HEX.partial.SUFFIX``), which a
+    killed process leaves behind; readers listing a folder skip these."""
+    return Path(path).name.startswith(".")
+
+
+def remove_stale_partials(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files an interrupted :func:`atomic_path` left in ``folder`` for the file names
+    ``names`` (only those: a partial file of any other name is not the caller's); returns what was removed."""
+    folder = Path(folder)
+    wanted = {(Path(name).stem, Path(name).suffix) for name in names}
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _PARTIAL.fullmatch(path.name)
+        if match and (match["stem"], match["suffix"]) in wanted and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _fsync(path: Path) -> None:
@@ -91,18 +128,55 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def _replaceable(path: Path, marker: str) -> bool:
+    """Whether ``path`` may be replaced by a rebuilt folder: absent, a folder holding ``marker``, or a folder that
+    holds no file at all (empty, or only empty folders: what an interrupted older build could leave)."""
+    if not path.exists():
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return (path / marker).is_file() or all(p.is_dir() and not p.is_symlink() for p in path.rglob("*"))
+
+
+def check_folder_target(path: str | os.PathLike[str], *, marker: str, what: str) -> Path:
+    """The absolute ``path`` if :func:`atomic_folder` may build ``what`` there, else one sentence saying why not.
+
+    Only a missing folder, an empty folder, or a folder holding ``marker`` (one this project built) is accepted,
+    so a user's own folder is never replaced."""
+    path = Path(path).resolve()
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise IDAnimatorError(f"Cannot build {what} in {path} because {blocker} is a file, not a folder.")
+    if path.exists() and not path.is_dir():
+        raise IDAnimatorError(f"{path} is a file, not a folder; choose a new or empty folder for {what}.")
+    if not _replaceable(path, marker):
+        raise IDAnimatorError(
+            f"The folder {path} already holds files and is not {what} (it has no {marker}), so it was left "
+            f"untouched; choose a new or empty folder."
+        )
+    return path
+
+
 @contextmanager
-def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike[str], *, marker: str, what: str = "a kit") -> Iterator[Path]:
     """Yield a new folder beside ``path`` to fill; on success it replaces ``path``, on any failure it is removed,
-    so an interrupted build never leaves a half-made folder under the name (the tiny kits use it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = path.parent / f"{path.name}.building-{secrets.token_hex(4)}"
-    work.mkdir()  # not mkdtemp: the folder gets the user's umask, not 0700
+    so an interrupted build never leaves a half-made folder under the name (the tiny kits use it).
+
+    ``path`` is replaced only if it is missing, empty, or holds the file ``marker`` (what the caller builds
+    writes it); any other folder is refused with one sentence, before and again after the build, so no caller
+    can delete a user's files."""
+    path = check_folder_target(path, marker=marker, what=what)
+    ensure_folder(path.parent)
+    work = path.parent / f".{path.name}.building-{secrets.token_hex(4)}"
+    try:
+        work.mkdir()  # not mkdtemp: the folder gets the user's umask, not 0700
+    except OSError as exc:
+        raise write_error(path.parent, exc) from exc
     try:
         yield work
-        if path.exists():
-            shutil.rmtree(path)
+        check_folder_target(path, marker=marker, what=what)  # nothing moved in while it was being built
+        if path.is_dir():
+            shutil.rmtree(path)  # a kit this project built, or folders without a single file
         os.replace(work, path)
     finally:
         if work.exists():

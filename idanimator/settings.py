@@ -55,7 +55,10 @@ class Limit:
         return value
 
     def _range(self) -> str:
-        return f"{self.low:g} and {self.high:g}"
+        def shown(bound: float) -> str:  # whole numbers in full (4294967295, not 4.29497e+09)
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+        return f"{shown(self.low)} and {shown(self.high)}"
 
 
 MAX_SEED = 2**32 - 1

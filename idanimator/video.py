@@ -1,320 +1,265 @@
-"""Writing generated frames to files people can open: MP4 for browsers, GIF, or a folder of PNGs.
+"""The one video reader (frames by index, with metadata), and the MP4/GIF writers (from :mod:`.video_writers`).
 
-Every file goes through ``files.atomic_path``, so a crash, a full disk or a failing encoder never leaves a
-half-written video under the name the user asked for. MP4s are encoded by imageio-ffmpeg's bundled ffmpeg
-(no system ffmpeg is needed) with the settings browsers require: H.264, yuv420p, even width and height, and
-the index (``moov``) at the front so playback can start before the download ends.
+Every read goes through the ffmpeg that imageio-ffmpeg bundles, and only real media files are read: ffmpeg may
+open local files only (no URLs) and only the container formats in :data:`VIDEO_FORMATS`, so a concat list or
+an HLS playlist saved under a video's name is refused instead of followed (a concat list naming itself is
+followed until the process runs out of file handles). Frame ``n`` is the n-th decoded frame of the file
+(``-fps_mode passthrough``: ffmpeg neither drops nor repeats frames to reach a constant rate), so a variable
+frame rate file is addressed alike by build-dataset, the trainer and the evaluation.
+
+Sizes are bounded before any frame is decoded, from the file's header (:func:`probe`): a source frame larger
+than ``settings.MAX_SOURCE_PIXELS`` is refused (ffmpeg's decoder is given the same cap), and a read that would
+hand back more than ``max_pixels`` (``settings.MAX_DECODED_PIXELS`` for :func:`read_video`) is refused, at the
+decoded size: frames can be shrunk in the decoder to what the caller needs (``size``, ``cover``,
+``max_side``). Every failure is an :class:`~idanimator.errors.UnreadableVideoError` (or its
+:class:`~idanimator.errors.VideoTooLargeError`) with one sentence naming the file's base name.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-from collections.abc import Sequence
+import re
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
-from PIL import Image
 
-from .errors import IDAnimatorError, InvalidRequestError
-from .files import atomic_path, ensure_folder, write_error
-from .settings import FPS, Limit
-
-DEFAULT_FPS = FPS.default
-DEFAULT_CRF = 18  # x264's "visually lossless" end; our videos are short, so size hardly matters
-_CRF = Limit("The video quality (crf)", 0, 51, DEFAULT_CRF)  # x264: 0 is lossless, 51 is worst
-
-# Convert with the BT.709 matrix and say so in the file: browsers then show the right colours.
-_BT709 = (
-    "scale=out_color_matrix=bt709:out_range=tv,"
-    "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv"
+from .errors import UnreadableVideoError, VideoTooLargeError
+from .settings import MAX_DECODED_PIXELS, MAX_SOURCE_PIXELS
+from .video_writers import (  # noqa: F401  (the writers' public names, imported from here)
+    DEFAULT_CRF,
+    DEFAULT_FPS,
+    Frames,
+    Mp4Writer,
+    check_output_path,
+    mp4_frame_count,
+    pad_to_even,
+    save_video,
+    to_uint8_frames,
+    write_gif,
+    write_mp4,
+    write_png_frames,
 )
 
-Frames = np.ndarray | Sequence[Any]
+# ffmpeg's names of the container demuxers read: MP4/MOV/M4V/3GP, MKV/WebM, AVI, GIF, MPEG-TS, MPEG-PS (.mpg),
+# FLV and ASF (.wmv). None of them opens another file; concat, hls, image2 and the like are left out for that.
+VIDEO_FORMATS = ("mov", "matroska", "avi", "gif", "mpegts", "mpeg", "flv", "asf")
+_SAFE_INPUT = ["-protocol_whitelist", "file", "-format_whitelist", ",".join(VIDEO_FORMATS)]
+_SAFE_INPUT += ["-max_pixels", str(MAX_SOURCE_PIXELS)]  # the decoder's own cap, whatever the header says
+_PASSTHROUGH = ["-fps_mode", "passthrough"]  # frame n is the n-th decoded frame: none dropped or repeated
+_FIRST_VIDEO = ["-map", "0:V:0"]  # the first video stream that is not a cover picture, as probe reports it
+_MAX_SELECTED = 1000  # frames picked by ffmpeg's select filter in one read; more are picked here
+_PROBE_TIMEOUT_S = 60
+_KNOWN = "use an MP4, MOV, MKV, WebM, AVI or GIF file"
 
 
-# ----------------------------------------------------------------------------------------------
-# Frames
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file's header says; read without decoding its frames."""
+
+    name: str  # the file's base name, as messages give it
+    width: int  # as shown: a phone video turned by 90 degrees has its sides swapped, as ffmpeg turns its frames
+    height: int
+    fps: float  # 0.0 when the file does not say
+    duration: float  # seconds; 0.0 when the file does not say
+
+    @property
+    def frames(self) -> int:
+        """An estimate, duration x fps (0 when either is unknown); reads count the frames again as they go."""
+        return round(self.duration * self.fps)
 
 
-def to_uint8_frames(frames: Frames) -> list[np.ndarray]:
-    """Normalise pipeline output (float [0, 1] or uint8 arrays, PIL images) to uint8 HxWx3 frames.
+@dataclass
+class Video:
+    frames: np.ndarray  # (frames, height, width, 3) uint8 RGB
+    fps: float  # 0.0 when the file does not say
 
-    All frames must share one size: a video cannot change size mid-stream, and catching that here
-    means no encoder is started and no file is touched.
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def probe(path: str | os.PathLike[str]) -> VideoInfo:
+    """The size, frame rate and duration of a video file, from ``ffmpeg -i`` (no frame is decoded for us).
+
+    Refuses (UnreadableVideoError) a missing file, a file of any other format than :data:`VIDEO_FORMATS`, and
+    (VideoTooLargeError) frames of more than ``settings.MAX_SOURCE_PIXELS``.
     """
-    if isinstance(frames, np.ndarray) and frames.ndim != 4:
-        raise ValueError(
-            f"A video array must have 4 dimensions (frames, height, width, channels), not shape {frames.shape}."
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableVideoError(f"The video {path.name} does not exist.")
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *_SAFE_INPUT, "-i", _url(path)]
+    try:
+        run = subprocess.run(command, capture_output=True, timeout=_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _corrupt(path) from exc
+    info = _parse_header(path, run.stderr.decode("utf-8", "replace"))
+    if info.width * info.height > MAX_SOURCE_PIXELS:
+        raise VideoTooLargeError(
+            f"The video {path.name} is {info.width}x{info.height}, more than the {_millions(MAX_SOURCE_PIXELS)} "
+            f"pixels a frame may have here; use a smaller video, 4K (3840x2160) or less."
         )
-    items = list(frames)
-    if not items:
-        raise ValueError("There are no frames to write; the video is empty.")
-    out = [_to_uint8_rgb(item) for item in items]
-    first = out[0].shape
-    for index, frame in enumerate(out):
-        if frame.shape != first:
-            raise ValueError(
-                f"All frames must have the same size; frame 0 is {first[1]}x{first[0]} "
-                f"but frame {index} is {frame.shape[1]}x{frame.shape[0]}."
-            )
-    return out
+    return info
 
 
-def _to_uint8_rgb(frame: Any) -> np.ndarray:
-    if isinstance(frame, Image.Image):
-        return np.asarray(frame.convert("RGB"), dtype=np.uint8)
-    array = np.asarray(frame)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
-        raise ValueError(f"A frame must be an HxW, HxWx1, HxWx3 or HxWx4 image, not shape {array.shape}.")
-    array = _to_uint8(array)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
+def _url(path: Path) -> str:
+    return "file:" + str(path.resolve())  # the file protocol by name: no other is tried, whatever the name holds
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Floats are read as [0, 1] (the pipeline's output range); other integers are clipped to 0..255."""
-    if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.floating):
-        scaled = np.nan_to_num(array.astype(np.float32), nan=0.0) * 255.0
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-        return np.clip(array.astype(np.int64) * (255 if array.dtype == np.bool_ else 1), 0, 255).astype(np.uint8)
-    raise ValueError(f"Frames of type {array.dtype} cannot be written as a video.")
+def _parse_header(path: Path, text: str) -> VideoInfo:
+    if "not on whitelist" in text:
+        raise UnreadableVideoError(f"The file {path.name} is not a video file that can be read here; {_KNOWN}.")
+    streams = [m for m in re.finditer(r"Stream #\d+:\d+.*?: Video: (.*)", text) if "(attached pic)" not in m[1]]
+    size = re.search(r"[ ,](\d+)x(\d+)[ ,\]]", streams[0][1] + " ") if streams else None
+    if size is None or 0 in (int(size[1]), int(size[2])):
+        raise _corrupt(path)
+    width, height = int(size[1]), int(size[2])
+    side_data = text[streams[0].end() :].split("Stream #", 1)[0]
+    rotation = re.search(r"rotation of (-?[\d.]+) degrees", side_data)
+    if rotation and round(float(rotation[1])) % 180 == 90:
+        width, height = height, width
+    fps = re.search(r" ([\d.]+) fps", streams[0][1]) or re.search(r" ([\d.]+) tbr", streams[0][1])
+    duration = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
+    seconds = 3600 * float(duration[1]) + 60 * float(duration[2]) + float(duration[3]) if duration else 0.0
+    return VideoInfo(path.name, width, height, float(fps[1]) if fps else 0.0, seconds)
 
 
-def pad_to_even(frame: np.ndarray) -> np.ndarray:
-    """Grow an odd width or height by one pixel, repeating the edge: yuv420p needs even sizes.
+def _corrupt(path: Path) -> UnreadableVideoError:
+    return UnreadableVideoError(f"The file {path.name} could not be read as a video (corrupt or truncated).")
 
-    Padding (rather than cropping) keeps every generated pixel; the repeated edge is invisible.
+
+def _millions(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} million"
+
+
+def decoded_size(
+    info: VideoInfo,
+    *,
+    size: tuple[int, int] | None = None,
+    cover: tuple[int, int] | None = None,
+    max_side: int | None = None,
+) -> tuple[int, int]:
+    """(width, height) of the frames a read with these options hands back.
+
+    ``size``: exactly that (the aspect is not kept). ``cover``: shrunk, keeping the aspect, to the smallest
+    size that still covers that width x height (for a centre crop to it). ``max_side``: shrunk so that the
+    longer side is at most that. Frames are never enlarged: that is left to the caller, after the read.
     """
-    pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
-    if not pad_h and not pad_w:
-        return frame
-    return np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    for asked in (size, cover, (max_side, max_side) if max_side is not None else None):
+        if asked is not None and min(asked) < 1:
+            raise ValueError(f"A decoded size must be at least 1 pixel a side, not {asked}.")
+    if size is not None:
+        return int(size[0]), int(size[1])
+    scale = 1.0
+    if cover is not None:
+        scale = min(scale, max(cover[0] / info.width, cover[1] / info.height))
+    if max_side is not None:
+        scale = min(scale, max_side / max(info.width, info.height))
+    if scale >= 1.0:
+        return info.width, info.height
+    return max(1, math.ceil(info.width * scale - 1e-6)), max(1, math.ceil(info.height * scale - 1e-6))
 
 
-# ----------------------------------------------------------------------------------------------
-# Writers
+def open_video(
+    path: str | os.PathLike[str],
+    indices: Iterable[int] | None = None,
+    *,
+    first: int | None = None,
+    size: tuple[int, int] | None = None,
+    cover: tuple[int, int] | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[VideoInfo, Iterator[tuple[int, np.ndarray]]]:
+    """The video's :class:`VideoInfo`, and its frames as ``(index, RGB uint8 array)``, decoded as they are
+    taken. The file is probed (and refused, with its sentence) at once.
 
-
-def write_mp4(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF) -> Path:
-    """Write a browser-playable MP4 (H.264, yuv420p, faststart) and return its path.
-
-    ``crf`` is x264's constant rate factor: 0 is lossless, 51 is worst; 17-23 look good.
-    Odd widths/heights are padded by one repeated edge pixel, since yuv420p needs even sizes.
+    ``indices``: only those frames, in increasing order (ffmpeg's ``select`` filter: only they are converted
+    and piped), stopping after the last; a frame past the end raises UnreadableVideoError. ``first``: at most
+    the first that many frames (fewer when the video is shorter). Neither: every frame. ``size``, ``cover``
+    and ``max_side`` shrink the frames in the decoder (see :func:`decoded_size`). ``max_pixels`` caps the
+    pixels handed back in all (frames x width x height), checked from the header before decoding and again
+    as frames come; None means no cap (the caller holds one frame at a time).
     """
-    images = to_uint8_frames(frames)  # checked before any file is touched
-    with Mp4Writer(path, fps, crf) as writer:
-        writer.write(images)
-    return writer.path
+    path = Path(path)
+    info = probe(path)
+    width, height = decoded_size(info, size=size, cover=cover, max_side=max_side)
+    wanted = None if indices is None else sorted({int(i) for i in indices})
+    if wanted and wanted[0] < 0:
+        raise ValueError(f"Frame indices start at 0, not {wanted[0]}.")
+    if first is not None and first < 0:
+        raise ValueError(f"The number of frames to read cannot be negative (got {first}).")
+    if wanted == [] or first == 0:
+        return info, iter(())
+    counts = [n for n in (first, info.frames) if n]  # the frames asked for, and the header's estimate
+    _check_budget(info, len(wanted) if wanted is not None else min(counts, default=0), width, height, max_pixels)
+    filters = []
+    select = wanted is not None and len(wanted) <= _MAX_SELECTED  # else the expression grows too long
+    if select:
+        filters.append("select='" + "+".join(f"eq(n\\,{i})" for i in wanted) + "'")
+    shrunk = (width, height) != (info.width, info.height) or size is not None
+    # Always a fixed size, so a stream that changes its size midway still comes out as counted above.
+    filters.append(f"scale={width}:{height}" + (":flags=area" if shrunk else ""))
+    output = [*_FIRST_VIDEO, "-vf", ",".join(filters), *_PASSTHROUGH]
+    limit = len(wanted) if wanted is not None else first
+    return info, _frames(path, info, output, wanted, select, limit, max_pixels)
 
 
-class Mp4Writer:
-    """An MP4 written a chunk of frames at a time by one ffmpeg, so a long video is never in memory whole::
-
-        with Mp4Writer("video.mp4", fps=8) as out:
-            for chunk in chunks:  # arrays of frames, as write_mp4 takes them
-                out.write(chunk)
-
-    The file appears under its name only when the block ends without an error and ffmpeg wrote every frame.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF):
-        self.fps, self.crf = FPS.check(fps), _CRF.check(crf)
-        self.path = Path(path)
-        self.frames = 0
-        self._size: tuple[int, ...] | None = None
-        self._writer = None
-        self._atomic = atomic_path(self.path)
-        self._temp: Path | None = None
-
-    def __enter__(self) -> Mp4Writer:
-        self._temp = self._atomic.__enter__()
-        return self
-
-    def write(self, frames: Frames) -> None:
-        images = [pad_to_even(frame) for frame in to_uint8_frames(frames)]
-        if self._size is None:
-            self._size = images[0].shape
-            self._writer = _start_ffmpeg(self._temp, images[0].shape, self.fps, self.crf)
-        for index, image in enumerate(images):
-            if image.shape != self._size:
-                raise ValueError(
-                    f"Frame {self.frames + index} is {image.shape[1]}x{image.shape[0]}, not the "
-                    f"video's {self._size[1]}x{self._size[0]}; all frames must have one size."
-                )
-        self.frames += len(images)  # given; the check on close compares them with what ffmpeg wrote
-        try:
-            for image in images:
-                self._writer.send(image)
-        except OSError:
-            pass  # a broken pipe: ffmpeg died mid-stream; the check on close reports it
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if self._writer is not None:
-                self._writer.close()  # ends ffmpeg's input and waits for it to finish the file
-            if exc_type is None:
-                if not self.frames:
-                    raise ValueError("There are no frames to write; the video is empty.")
-                # write_frames ignores ffmpeg's exit status, so a failure shows only in the file itself. Its
-                # index is read in Python rather than by decoding it with a second ffmpeg: that halved the
-                # processes per streamed segment in the app (benchmarks/RESULTS.md).
-                if mp4_frame_count(self._temp) != self.frames:
-                    raise _encoder_error(self._temp, self.path)
-        except BaseException as error:
-            self._atomic.__exit__(type(error), error, error.__traceback__)
-            raise
-        return self._atomic.__exit__(exc_type, exc, tb)
+def _check_budget(info: VideoInfo, frames: int, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and frames * width * height > max_pixels:
+        raise VideoTooLargeError(
+            f"The video {info.name} would be {frames} frames of {width}x{height} when decoded, more than the "
+            f"{_millions(max_pixels)} pixels read at once here; use a shorter or smaller video."
+        )
 
 
-def _start_ffmpeg(temp: Path, shape: tuple[int, ...], fps: int, crf: int):
-    height, width = shape[:2]
-    writer = imageio_ffmpeg.write_frames(
-        temp,
-        (width, height),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,  # its quality scale would add its own -crf; ours is in output_params
-        macro_block_size=1,  # we pad to even sizes; a larger block makes imageio-ffmpeg rescale the picture
-        ffmpeg_log_level="error",
-        output_params=["-vf", _BT709, "-crf", str(crf), "-movflags", "+faststart", "-f", "mp4"],
+def _frames(path: Path, info: VideoInfo, output: list[str], wanted, select: bool, limit, max_pixels):
+    import imageio_ffmpeg
+
+    logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)  # its note that a scaled size differs
+    reader = imageio_ffmpeg.read_frames(_url(path), input_params=list(_SAFE_INPUT), output_params=output)
+    got = 0
+    try:
+        width, height = next(reader)["size"]
+        for number, raw in enumerate(reader):
+            if wanted is not None and not select and number != wanted[got]:
+                continue
+            _check_budget(info, got + 1, width, height, max_pixels)  # the header's frame count may be wrong
+            yield (number if wanted is None else wanted[got]), np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+            got += 1
+            if got == limit:
+                break
+    except (OSError, RuntimeError, StopIteration, ValueError, IndexError, KeyError) as exc:
+        raise _corrupt(path) from exc
+    finally:
+        reader.close()
+    if wanted is not None and got < len(wanted):
+        raise UnreadableVideoError(
+            f"The video {path.name} ended before frame {wanted[got]} (it is shorter than it seemed, or damaged)."
+        )
+
+
+def read_video(
+    path: str | os.PathLike[str],
+    indices: list[int] | None = None,
+    *,
+    first: int | None = None,
+    size: tuple[int, int] | None = None,
+    cover: tuple[int, int] | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = MAX_DECODED_PIXELS,
+) -> Video:
+    """Frames of a video (MP4, MOV, MKV, WebM, AVI, GIF, ...) at once, as :class:`Video`: every frame, the
+    ``first`` ones, or those at ``indices`` (in the order given; see :func:`open_video` for the rest)."""
+    info, frames = open_video(
+        path, indices, first=first, size=size, cover=cover, max_side=max_side, max_pixels=max_pixels
     )
-    try:
-        writer.send(None)  # starts ffmpeg
-    except (OSError, RuntimeError) as exc:  # RuntimeError: imageio-ffmpeg found no ffmpeg at all
-        raise IDAnimatorError(f"The video encoder (ffmpeg) could not be started: {str(exc).rstrip('.')}.") from exc
-    return writer
-
-
-_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}
-
-
-def mp4_frame_count(path: Path) -> int | None:
-    """The frame count in a finished MP4's index (``moov/trak/.../stsz``), or None when the file is not a
-    whole MP4: a box runs past the end of the file (cut short), or there is no index (never finished).
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return None
-
-    def boxes(start: int, end: int):
-        while start + 8 <= end:
-            size = int.from_bytes(data[start : start + 4], "big")
-            kind = data[start + 4 : start + 8]
-            header = 8
-            if size == 1:  # a 64-bit size follows the type
-                size, header = int.from_bytes(data[start + 8 : start + 16], "big"), 16
-            if size < header or start + size > end:
-                raise ValueError("cut short")
-            yield kind, start + header, start + size
-            start += size
-        if start != end:
-            raise ValueError("trailing bytes")
-
-    def count(start: int, end: int) -> int | None:
-        for kind, body, stop in list(boxes(start, end)):  # every box checked before any is read
-            if kind == b"stsz" and stop - body >= 12:
-                return int.from_bytes(data[body + 8 : body + 12], "big")  # after version/flags and size
-            if kind in _CONTAINERS:
-                found = count(body, stop)
-                if found is not None:
-                    return found
-        return None
-
-    try:
-        return count(0, len(data))
-    except ValueError:
-        return None
-
-
-def _encoder_error(temp: Path, path: Path) -> IDAnimatorError:
-    """Say why ffmpeg failed. Its own message went to our stderr (write_frames does not capture it), so ask
-    the file system: if one more MiB cannot be written beside it either, the disk (or quota, or a file size
-    limit) is full or the folder turned read-only, and the OS error says which.
-    """
-    try:
-        with open(temp, "ab") as probe:
-            probe.write(bytes(1 << 20))
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as exc:
-        return write_error(path.parent, exc)
-    return IDAnimatorError(f"The video encoder (ffmpeg) failed while writing {path}; its message is in the log.")
-
-
-def write_gif(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> Path:
-    """Write a looping GIF (for places that cannot play MP4) and return its path.
-
-    GIF delays are stored in 1/100 s, so the real rate is the nearest one (9 fps -> 0.11 s a frame).
-    Pillow merges consecutive identical frames into one longer frame; the timing stays right.
-    """
-    fps = FPS.check(fps)
-    images = [Image.fromarray(frame) for frame in to_uint8_frames(frames)]
-    duration_ms = max(10, round(100 / fps) * 10)
-    path = Path(path)
-    with atomic_path(path) as temp:
-        images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
-    return path
-
-
-def write_png_frames(frames: Frames, folder: str | os.PathLike[str]) -> list[Path]:
-    """Write frame_0000.png, frame_0001.png, ... into ``folder`` (lossless, for editing tools).
-
-    Each PNG is written atomically; PNGs already in the folder with other numbers are left alone.
-    """
-    images = to_uint8_frames(frames)
-    folder = ensure_folder(Path(folder))
-    paths = []
-    for index, frame in enumerate(images):
-        target = folder / f"frame_{index:04d}.png"
-        with atomic_path(target) as temp:
-            Image.fromarray(frame).save(temp, format="PNG")
-        paths.append(target)
-    return paths
-
-
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Check, before any work, that a video can be saved at ``path``: a known kind (``.mp4``, ``.gif``, or a
-    folder name for PNG frames), in a folder that exists (none is created silently) and is writable."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if path.is_dir() and suffix in (".mp4", ".gif"):
-        raise InvalidRequestError(f"{path} is a folder; choose a file name ending in {suffix}.")
-    if suffix not in (".mp4", ".gif", "") and not path.is_dir():
-        raise InvalidRequestError(
-            f"Cannot save a video as {path.name}; use a name ending in .mp4 or .gif, or a folder name for PNG frames."
-        )
-    folder = path.parent
-    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise InvalidRequestError(f"Cannot write into the folder {folder} because {blocker} is a file, not a folder.")
-    if not folder.is_dir():
-        raise InvalidRequestError(f"The folder {folder} does not exist; create it first or choose another place.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidRequestError(f"The folder {folder} cannot be written; choose another place.")
-    return path
-
-
-def save_video(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> Path:
-    """Save by the name's suffix: ``.mp4``, ``.gif``, or a folder (no suffix) of PNG frames.
-
-    Returns the file written, or the folder for PNG frames. See :func:`check_output_path` for what is refused.
-    """
-    path = check_output_path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".mp4":
-        return write_mp4(frames, path, fps=fps)
-    if suffix == ".gif":
-        return write_gif(frames, path, fps=fps)
-    FPS.check(fps)  # PNGs carry no rate, but a bad one is still the caller's mistake
-    write_png_frames(frames, path)
-    return path
+    got = dict(frames)
+    if not got:
+        raise UnreadableVideoError(f"The video {info.name} has no frames.")
+    order = list(got) if indices is None else [int(i) for i in indices]
+    return Video(frames=np.stack([got[i] for i in order]), fps=info.fps)

@@ -26,7 +26,8 @@ LAYERS = {
     "outputs": 2,
     "adapter": 3,
     "face": 3,
-    "video": 3,
+    "video_writers": 1.5,  # the MP4/GIF/PNG writers, re-exported by video
+    "video": 2,  # the one video reader, and the writers' public names
     "models": 4,
     "testing": 5.5,  # the package re-exports its kit
     "testing.kit": 5,
@@ -37,7 +38,7 @@ LAYERS = {
     "testing.fast_kit": 5.2,  # the tiny AnimateLCM, sized from the tiny kit
     "eval": 0,  # the evaluation package's file holds only its docstring
     "eval.spec": 1,
-    "eval.reader": 1,
+    "eval.reader": 2.5,
     "eval.pairing": 1,
     "eval.motion": 1,
     "eval.curricularface": 1,
@@ -52,7 +53,7 @@ LAYERS = {
     "data.shots": 1,
     "data.remote": 1,
     "data.manifest": 2,
-    "data.decode": 2,
+    "data.decode": 2.5,
     "data.captions": 3,
     "data.facepool": 4,
     "data.build": 5,
@@ -78,6 +79,7 @@ LAYERS = {
     "extras.lorafiles": 3,
     "extras.loras": 4,
     "extras.apply": 5,  # imports each option's module (layer 5 or below) by name
+    "request": 2,  # GenerationRequest: one request, validated once
     "options": 3,  # the page's choices beyond the release -> Extras
     "pipeline": 6,
     "service": 7,

@@ -174,3 +174,108 @@ def test_files_we_write_follow_the_users_umask(capsys, tmp_path, tiny_kit):
     for path in (out, tmp_path / "kit", tmp_path / "kit" / "tiny-backbone.safetensors", tmp_path / "kit" / "kit.json"):
         expected = 0o755 if path.is_dir() else 0o644
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+# -- issue 18: user errors say what is wrong, before any model loads ----------------------------------------
+
+
+def _before_loading(*argv):
+    """Run the CLI in a fresh process; its stderr, exit status and whether torch was imported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from idanimator.cli import main; code = main(sys.argv[1:]); "
+        "print('torch loaded' if 'torch' in sys.modules else 'nothing loaded'); sys.exit(code)"
+    )
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ("{style}:abc", "The weight 'abc' of the LoRA {style} must be a number"),
+        ("{style}:0,8", "The weight '0,8' of the LoRA {style} must be a number"),
+        ("{empty}", "The LoRA {empty} has no .safetensors file"),
+        ("{two}", "The LoRA {two} has several .safetensors files"),
+    ],
+)
+def test_a_bad_lora_weight_or_folder_is_refused_before_any_model_loads(tmp_path, astronaut_path, lora, message):
+    names = {"style": tmp_path / "style.safetensors", "empty": tmp_path / "empty", "two": tmp_path / "two"}
+    names["style"].write_bytes(b"")
+    names["empty"].mkdir()
+    names["two"].mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (names["two"] / name).write_bytes(b"")
+    lora, message = (text.format(**names) for text in (lora, message))
+    argv = ["generate", "--face", str(astronaut_path), "--prompt", "a person", "--out", str(tmp_path / "o.mp4")]
+    proc = _before_loading(*argv, "--lora", lora)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "nothing loaded" in proc.stdout
+
+
+def test_a_lora_folder_with_one_file_and_a_file_with_a_weight_are_taken(tmp_path):
+    from idanimator.extras.lorafiles import check_source
+    from idanimator.extras.spec import LoraSpec
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "style.safetensors").write_bytes(b"")
+    assert check_source(str(tmp_path / "one")) == ("local", tmp_path / "one")
+    assert LoraSpec.parse("style.safetensors:0.5") == LoraSpec("style.safetensors", 0.5)
+    assert LoraSpec.parse("owner/repo@v1:-1") == LoraSpec("owner/repo@v1", -1.0)
+    assert LoraSpec.parse("C:/loras/style.safetensors") == LoraSpec("C:/loras/style.safetensors", 1.0)
+
+
+def test_seed_bounds_are_printed_as_whole_numbers(capsys, tmp_path, astronaut_path):
+    code, _, err = tiny_generate(capsys, tmp_path, astronaut_path, "--seed=-5")
+    assert code == 1 and "Seed must be between 0 and 4294967295 (got -5)" in err, err
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "astronaut.png").write_bytes(astronaut_path.read_bytes())
+    (tmp_path / "p.txt").write_text("a person\n")
+    argv = ["--faces-dir", str(faces), "--prompts", str(tmp_path / "p.txt"), "--out-dir", str(tmp_path / "o")]
+    code, _, err = run(capsys, "generate", *argv, "--seeds=-5")
+    assert code == 1 and "between 0 and 4294967295" in err and "e+" not in err, err
+
+
+def test_convert_checkpoint_refuses_its_input_as_output_and_a_wrong_suffix(capsys, tmp_path, tiny_kit):
+    import shutil
+
+    ckpt = tmp_path / "X.ckpt"
+    shutil.copy(tiny_kit["face_adapter"], ckpt)
+    ours = tmp_path / "X.safetensors"
+    assert run(capsys, "convert-checkpoint", str(ckpt), str(ours))[0] == 0
+    (tmp_path / "folder.safetensors").mkdir()
+    before = {path: path.read_bytes() for path in (ckpt, ours)}
+    for output, said in (
+        (ckpt, "must end in .safetensors"),
+        (tmp_path / "out.ckpt", "must end in .safetensors"),
+        (tmp_path / "folder.safetensors", "is a folder"),
+    ):
+        code, _, err = run(capsys, "convert-checkpoint", str(ckpt), str(output))
+        assert code == 1 and said in err and err.count("\n") == 1, err
+    code, _, err = run(capsys, "convert-checkpoint", str(ours), str(tmp_path / "." / "X.safetensors"))
+    assert code == 1 and "is the input file itself" in err, err
+    assert {path: path.read_bytes() for path in (ckpt, ours)} == before and not (tmp_path / "out.ckpt").exists()
+
+
+def test_a_folder_given_for_a_file_and_a_file_for_a_folder_are_named_as_such(capsys, tmp_path):
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file.png").write_bytes(b"")
+    (tmp_path / "p.txt").write_text("a person\n")
+    folder, file = str(tmp_path / "a-folder"), str(tmp_path / "a-file.png")
+    for argv, said in (
+        (["generate", "--faces-dir", folder, "--prompts", folder, "--out-dir", folder], "The prompts file"),
+        (["generate", "--faces-dir", file, "--prompts", str(tmp_path / "p.txt"), "--out-dir", folder], "The faces"),
+        (["convert-checkpoint", folder, str(tmp_path / "o.safetensors")], "Face adapter file"),
+    ):
+        code, _, err = run(capsys, *argv)
+        kind = "is a folder, not a file" if said != "The faces" else "is a file, not a folder"
+        assert code == 1 and err.startswith(f"error: {said}") and kind in err and err.count("\n") == 1, err
+
+
+def test_make_tiny_help_says_only_a_kit_is_replaced(capsys):
+    with pytest.raises(SystemExit):
+        main(["make-tiny", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "new or empty folder" in text and "refused and left untouched" in text and "only a kit is replaced" in text

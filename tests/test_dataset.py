@@ -9,7 +9,11 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -180,11 +184,12 @@ def test_other_settings_rebuild_the_clips_instead_of_mixing_old_and_new(built, v
 
 
 def test_chosen_frames_are_the_same_whether_ffmpeg_or_python_picks_them(videos, monkeypatch):
+    from idanimator import video
     from idanimator.data import decode
 
     wanted = [0, 7, 19, 20, 39]
     picked_by_ffmpeg = list(decode.read_frames(videos / "two_shots.mp4", wanted))
-    monkeypatch.setattr(decode, "_MAX_SELECTED", 2)  # a long list: every frame is decoded, Python picks
+    monkeypatch.setattr(video, "_MAX_SELECTED", 2)  # a long list: every frame is decoded, Python picks
     picked_here = list(decode.read_frames(videos / "two_shots.mp4", wanted))
     assert [i for i, _ in picked_by_ffmpeg] == [i for i, _ in picked_here] == wanted
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(picked_by_ffmpeg, picked_here, strict=True))
@@ -404,3 +409,70 @@ def test_a_transformers_captioner_describes_the_person(videos, labels, tmp_path,
     (record,) = read_manifest(tmp_path / "out")
     assert set(record.caption_attribute.split()) == {"smiling"}  # the model's words, not the labels'
     assert record.caption_action == "a person talking and smiling, looking happy"  # an image model: the labels
+
+
+def _build_process(videos: Path, out: Path) -> subprocess.Popen:
+    argv = ["build-dataset", "--no-progress", "--detector", "retinaface", "--faces-per-clip", "3", "--workers", "1"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "idanimator", *argv, "--videos", str(videos), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_until_locked(lock: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Until ``process`` holds its flock on ``lock`` (read from /proc/locks, so the test never takes it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if lock.exists():
+            inode = f":{lock.stat().st_ino} "
+            if any("FLOCK" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"the first run never locked {lock} (exit status {process.poll()})")
+
+
+@pytest.fixture(scope="module")
+def six_videos(tmp_path_factory) -> Path:
+    from idanimator.video import write_mp4
+
+    folder = tmp_path_factory.mktemp("six")
+    for n in range(6):
+        write_mp4(astronaut_shot(24 + 2 * n), folder / f"person{n}.mp4", fps=FPS)
+    return folder
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_finishes_whole(six_videos, tmp_path):
+    out = tmp_path / "dataset"
+    first = _build_process(six_videos, out)
+    try:
+        _wait_until_locked(out / ".build-dataset.lock", first)
+        first.send_signal(signal.SIGSTOP)  # paused, lock held: the second run meets it however slow its start
+        second = _build_process(six_videos, out)
+        _, err = second.communicate(timeout=120)
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 1
+        busy = f"Another build-dataset run is writing into {out}; wait for it to finish or choose another --out."
+        assert err == f"error: {busy}\n"  # one line, at once, while the first goes on
+        stdout, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err
+    assert stdout.startswith("6 new clips, 0 already done, from 6 videos;")
+    records = read_manifest(out)
+    assert [r.clip_id for r in records] == [f"person{n}--000" for n in range(6)]
+    assert all(path.is_file() for r in records for path in r.face_paths)
+
+
+def test_a_killed_run_leaves_no_lock_behind(six_videos, tmp_path):
+    out = tmp_path / "dataset"
+    first = _build_process(six_videos, out)
+    try:
+        _wait_until_locked(out / ".build-dataset.lock", first)
+    finally:
+        first.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel drops its lock
+        first.wait(timeout=60)
+    code, stdout, stderr = run_cli("--videos", six_videos, "--out", out, "--faces-per-clip", 3)
+    assert code == 0, stderr
+    assert len(read_manifest(out)) == 6

@@ -554,3 +554,59 @@ def test_the_benchmark_protocol_runs_end_to_end_in_smoke_mode(capsys, tmp_path, 
     ]
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["counts"]["measured"] == 2 and "README row" in out
+
+
+def test_a_killed_batchs_partial_file_is_removed_on_rerun_and_never_measured(tmp_path, astronaut_path, tiny_kit):
+    """Issue 18: a killed batch leaves its hidden .NAME.HEX.partial.mp4; the re-run removes the stale ones of its
+    own names (another name's is not its own and stays), and eval lists no hidden file."""
+    import subprocess
+    import sys
+
+    faces, out = tmp_path / "faces", tmp_path / "videos"
+    faces.mkdir()
+    out.mkdir()
+    (faces / "astronaut.png").write_bytes(astronaut_path.read_bytes())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a person waving\n")
+    ours = out / ".astronaut--p00--s1.0badc0de.partial.mp4"  # what atomic_path had reserved when the run was killed
+    ours_txt = out / ".astronaut--p00--s1.0badc0de.partial.txt"
+    other = out / ".someone-else.0badc0de.partial.mp4"
+    for path in (ours, ours_txt, other):
+        path.write_bytes(b"")
+    argv = ["generate", "--tiny", "--detector", "retinaface", "--faces-dir", str(faces), "--prompts", str(prompts)]
+    argv += ["--seeds", "1", "--out-dir", str(out), "--frames", "4", "--steps", "1", "--height", "64", "--width", "64"]
+    proc = subprocess.run([sys.executable, "-m", "idanimator", *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not ours.exists() and not ours_txt.exists() and other.exists()
+    assert (out / "astronaut--p00--s1.mp4").is_file()
+
+    report = tmp_path / "report"
+    argv = ["eval", "--videos", str(out), "--faces", str(faces), "--out", str(report), "--metrics", "motion"]
+    proc = subprocess.run([sys.executable, "-m", "idanimator", *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["counts"] == {"videos": 1, "measured": 1, "failed": 0}
+    assert "partial" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--metrics", ""], "No metric was named"),
+        (["--metrics", " , "], "No metric was named"),
+        (["--prompts", "{folder}"], "The prompts file {folder} is a folder, not a file"),
+        (["--clip", "{file}"], "The CLIP model folder {file} is a file, not a folder"),
+        (["--insightface-root", "{file}"], "The path given to --insightface-root, {file}, is a file, not a folder"),
+        (["--curricularface", "{folder}"], "The path given to --curricularface, {folder}, is a folder, not a file"),
+    ],
+)
+def test_eval_refuses_an_empty_metric_list_and_names_a_path_of_the_wrong_kind(capsys, tmp_path, extra, message):
+    """Issue 18: `--metrics ""` measured every metric; a file given for a folder was said not to exist."""
+    for name in ("videos", "faces", "folder"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    names = {"folder": tmp_path / "folder", "file": tmp_path / "file"}
+    extra = [part.format(**names) for part in extra]
+    flags = ["--videos", str(tmp_path / "videos"), "--faces", str(tmp_path / "faces"), "--out", str(tmp_path / "o")]
+    code, _, err = run(capsys, "eval", *flags, *extra)
+    assert code == 1 and err.startswith(f"error: {message.format(**names)}") and err.count("\n") == 1, err

@@ -58,3 +58,69 @@ def test_a_half_built_kit_is_rebuilt_not_trusted(tmp_path):
     assert (root / "kit.json").is_file()
     assert (paths["base"] / "model_index.json").is_file()
     assert not [p for p in tmp_path.iterdir() if "building" in p.name]
+
+
+def _make_tiny(*argv: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "idanimator", "make-tiny", *argv], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_make_tiny_never_deletes_a_folder_that_is_not_a_kit(tmp_path):
+    """Issue 18: `make-tiny DIR` (with or without --force, and `make-tiny .`) on a folder of the user's own files
+    is refused with one sentence and leaves every file; a file, or a path under a file, is named as a file."""
+    mine = tmp_path / "d"
+    mine.mkdir()
+    (mine / "mine.txt").write_text("mine")
+    (tmp_path / "afile").write_text("a file")
+    for argv, cwd, said in (
+        ([str(mine)], None, "already holds files and is not a tiny kit"),
+        ([str(mine), "--force"], None, "already holds files and is not a tiny kit"),
+        (["."], mine, "already holds files and is not a tiny kit"),
+        ([str(tmp_path / "afile")], None, "is a file, not a folder"),
+        ([str(tmp_path / "afile" / "kit")], None, "afile is a file, not a folder"),
+    ):
+        proc = _make_tiny(*argv, cwd=cwd)
+        assert proc.returncode == 1, (argv, proc.stderr)
+        assert proc.stderr.startswith("error: ") and said in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert [p.name for p in mine.iterdir()] == ["mine.txt"] and (mine / "mine.txt").read_text() == "mine"
+    assert (tmp_path / "afile").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d"]  # no half-built folder left beside
+
+
+def test_make_tiny_uses_an_empty_folder_and_force_rebuilds_only_a_kit(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _make_tiny(".", cwd=empty)
+    assert proc.returncode == 0, proc.stderr
+    assert (empty / "kit.json").is_file()
+    (empty / "notes.txt").write_text("kept? no: a kit's folder is the kit's")
+    stamp = (empty / "kit.json").stat().st_mtime_ns
+    proc = _make_tiny(str(empty), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (empty / "kit.json").stat().st_mtime_ns != stamp and (empty / "base" / "model_index.json").is_file()
+
+
+def test_atomic_folder_refuses_to_replace_what_it_did_not_build(tmp_path):
+    from idanimator.errors import IDAnimatorError
+    from idanimator.files import atomic_folder
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "photo.jpg").write_bytes(b"not ours")
+    built = []
+    try:
+        with atomic_folder(target, marker="built.json", what="a test folder") as work:
+            built.append(work)
+    except IDAnimatorError as exc:
+        assert "is not a test folder" in str(exc)
+    else:
+        raise AssertionError("a folder without the marker was replaced")
+    assert not built and (target / "photo.jpg").read_bytes() == b"not ours"
+    (target / "photo.jpg").unlink()
+    with atomic_folder(target, marker="built.json") as work:  # an empty folder may be used
+        (work / "built.json").write_text("{}")
+    with atomic_folder(target, marker="built.json") as work:  # and what it built may be rebuilt
+        (work / "built.json").write_text("{}")
+        (work / "again").write_text("")
+    assert sorted(p.name for p in target.iterdir()) == ["again", "built.json"]

@@ -16,7 +16,7 @@ from idanimator.errors import InvalidRequestError
 from idanimator.outputs import FOLDER_NAME, OutputFolder
 from idanimator.settings import MAX_TEXT_CHARS, GenerationSettings, ServingLimits
 
-from .helpers import generate_over_http, read_video, running_app
+from .helpers import generate_over_http, moving_face_video, read_video, running_app
 from .test_load import rss_mb
 
 DAY = 24 * 3600
@@ -153,3 +153,56 @@ def test_bad_operator_limits_are_one_line(tmp_path):
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "error: --max-frames must be between 1 and 128 (got 500)."
+
+
+@pytest.fixture(scope="module")
+def crafted_videos(tmp_path_factory) -> dict:
+    """What a hostile visitor sends as a driving video: a 50 KB file of 4096x4096 frames, one of 8192x8192,
+    and a text file in ffmpeg's concat format that names itself."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    folder = tmp_path_factory.mktemp("crafted")
+    made = {name: folder / name for name in ("bomb.mp4", "huge.mp4", "loop.mp4")}
+    for size, frames, name in (("4096x4096", 32, "bomb.mp4"), ("8192x8192", 1, "huge.mp4")):
+        subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", f"color=black:s={size}"]
+            + ["-frames:v", str(frames), "-c:v", "libx264", "-preset", "ultrafast", "-crf", "51", str(made[name])],
+            check=True,
+        )
+    made["loop.mp4"].write_text(f"ffconcat version 1.0\nfile '{made['loop.mp4']}'\n")
+    return made
+
+
+def driven_by(video) -> tuple:
+    """The page's inputs beyond the release: canny edges from ``video``."""
+    from gradio_client import handle_file
+
+    return (False, False, [], 1.0, "canny", [], "", handle_file(str(video)), 1.0)
+
+
+def test_a_frame_size_bomb_as_driving_video_is_decoded_small_or_refused(
+    served, crafted_videos, astronaut_path, tmp_path
+):
+    url, proc, _ = served
+    client = Client(url, verbose=False)
+    generate_over_http(client, astronaut_path, extras=driven_by(moving_face_video(tmp_path, 8)))
+    before = rss_mb(proc.pid)  # after one run: the control model is loaded
+    video = generate_over_http(client, astronaut_path, extras=driven_by(crafted_videos["bomb.mp4"]))[2]
+    assert read_video(video).shape[0] == 8  # downscaled in the decoder to the video's 64x64
+    assert rss_mb(proc.pid) - before < 200  # at full size, 32 frames of 4096x4096 took 2.3 GB
+    with pytest.raises(Exception, match="8192x8192, more than the"):
+        generate_over_http(client, astronaut_path, extras=driven_by(crafted_videos["huge.mp4"]))
+    assert proc.poll() is None
+
+
+def test_a_self_referencing_concat_file_is_not_followed(served, crafted_videos, astronaut_path):
+    url, proc, folder = served
+    client = Client(url, verbose=False)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="is not a video file that can be read here"):
+        generate_over_http(client, astronaut_path, extras=driven_by(crafted_videos["loop.mp4"]))
+    assert time.monotonic() - started < 30
+    assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 200  # it once ran out of file handles
+    assert proc.poll() is None

@@ -18,7 +18,15 @@ from safetensors.torch import load_file, save_file
 from idanimator.cli import main
 from idanimator.testing import TINY_SETTINGS
 from idanimator.training import loop
-from idanimator.training.data import ClipDataset, Dropout, collate, load_clips, read_frames
+from idanimator.training.data import (
+    ClipDataset,
+    Dropout,
+    collate,
+    load_clips,
+    read_frames,
+    sample_window,
+    stride_note,
+)
 from idanimator.training.init import read_initial_adapter
 from idanimator.training.modules import FaceAdapterTrainingModel, TrainableFaceAdapter
 from idanimator.training.objective import diffusion_loss, micro_step_generator
@@ -342,11 +350,16 @@ def test_the_trained_checkpoint_loads_in_the_pipeline_and_changes_the_video(trai
     assert np.abs(trained_video - initial_video).max() > 1e-4
 
 
-def test_resuming_from_step_2_gives_the_uninterrupted_runs_adapter(trained, data_dir, tmp_path):
+def test_resuming_from_step_2_gives_the_uninterrupted_runs_adapter(trained, data_dir, tmp_path, monkeypatch, capsys):
     out, _ = trained
+    monkeypatch.chdir(tmp_path)  # a relative --out is shown as typed, not made absolute
     resumed = tmp_path / "resumed"
     args = ["--max-steps", "3", "--save-every", "2", "--resume", str(out / "checkpoints" / "step-000002")]
-    assert main(["train", "--data", str(data_dir), "--out", str(resumed), *TINY_RUN, *args]) == 0
+    assert main(["train", "--data", str(data_dir), "--out", "resumed", *TINY_RUN, *args]) == 0
+    printed = capsys.readouterr().out
+    assert f"starting from {out / 'checkpoints' / 'step-000002'} (step 2)" in printed
+    assert printed.rstrip().endswith("wrote resumed/animator.ckpt")
+    assert json.loads((resumed / "config.json").read_text())["out"] == str(resumed)  # recorded resolved
     assert [r["step"] for r in _log(resumed)] == [3]  # it continued at step 2
     assert _log(resumed)[0]["loss"] == [r for r in _log(out) if "loss" in r][-1]["loss"]
     uninterrupted, continued = load_file(out / "adapter.safetensors"), load_file(resumed / "adapter.safetensors")
@@ -360,3 +373,100 @@ def test_resuming_with_other_settings_is_one_sentence(trained, data_dir, tmp_pat
     assert main(["train", "--data", str(data_dir), *TINY_RUN[:-2], "--seed", "4", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: The checkpoint was trained with --seed 3, this run has 4; resume with the same settings."
+
+
+def _files(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_training_into_an_existing_run_needs_resume_and_leaves_the_run_untouched(trained, data_dir, capsys):
+    out, _ = trained
+    before = _files(out)
+    assert main(["train", "--data", str(data_dir), "--out", str(out), *TINY_RUN, "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: A run is already in {out}: add --resume or choose another --out."
+    assert _files(out) == before
+
+
+def test_train_checks_flags_and_paths_before_importing_torch(trained, data_dir, tmp_path):
+    """Each mistake is one line from a real process that never imported torch or diffusers, shown with the
+    paths as typed (relative ones stay relative)."""
+    import subprocess
+    import sys
+
+    out, _ = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data").symlink_to(data_dir)
+    (tmp_path / "run").symlink_to(out)
+    probe = (
+        "import sys; from idanimator.cli import main; code = main(sys.argv[1:]); "
+        "print(code, any(m in sys.modules for m in ('torch', 'diffusers', 'accelerate')))"
+    )
+    cases = [
+        (["--data", "data", "--out", "new", "--frames", "0"], "error: --frames must be a whole number from 1 to 32"),
+        (["--data", "missing", "--out", "new"], "error: The data set folder missing does not exist"),
+        (["--data", "empty", "--out", "new"], "error: There is no data set manifest at empty/manifest.jsonl;"),
+        (["--data", "data", "--out", "run"], "error: A run is already in run: add --resume or choose another --out."),
+        (["--data", "data", "--out", "new", "--resume", "nowhere"], "error: --resume nowhere does not exist"),
+    ]
+    for argv, expected in cases:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, "train", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.stdout.strip() == "1 False", (argv, done.stdout, done.stderr)
+        assert done.stderr.startswith(expected) and done.stderr.count("\n") == 1, (argv, done.stderr)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("damaged", ["step-000003", "step-000002"])
+def test_a_damaged_checkpoint_is_one_sentence_that_names_the_earlier_one(trained, data_dir, tmp_path, capsys, damaged):
+    import shutil
+
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    state = run / "checkpoints" / damaged / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # cut short, as by a full disk
+    resume = run if damaged == "step-000003" else run / "checkpoints" / damaged
+    args = ["--max-steps", "4", "--save-every", "2", "--resume", str(resume)]
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *TINY_RUN, *args]) == 1
+    err = capsys.readouterr().err.strip()
+    if damaged == "step-000003":
+        earlier = run / "checkpoints" / "step-000002"
+        expected = f"The checkpoint file {state} is damaged; resume from the one before it with --resume {earlier}."
+        assert err == f"error: {expected}"
+    else:
+        assert err == (
+            f"error: The checkpoint file {state} is damaged and no earlier checkpoint exists; "
+            "start again with another --out."
+        )
+
+
+def test_a_clip_whose_video_is_gone_is_skipped_by_name(data_dir, tmp_path):
+    lines = (data_dir / "manifest.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace("videos/b.mp4", "videos/gone.mp4")
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    for folder in ("videos", "faces"):
+        (tmp_path / folder).symlink_to(data_dir / folder)
+    clips, note = load_clips(tmp_path, FRAMES)
+    assert [clip.clip_id for clip in clips] == ["a"]
+    assert note == (
+        "Skipped 3 of 4 clips: 1 shorter than --frames 4, 1 whose video is missing (videos/gone.mp4), "
+        "1 with no face in its pool."
+    )
+
+
+def test_clips_too_short_for_the_stride_are_counted_once(data_dir, tmp_path, capsys):
+    clips, _ = load_clips(data_dir, FRAMES)  # two clips of 24 frames
+    assert stride_note(clips, FRAMES, STRIDE) is None  # 4 frames 2 apart span 7
+    assert stride_note(clips, FRAMES, 10) == (
+        "2 of 2 clips are too short for --frames 4 at --stride 10 (31 source frames), "
+        "so their frames are taken closer together."
+    )
+    rng = np.random.default_rng(0)
+    assert np.diff(sample_window(clips[0], FRAMES, 10, rng)).tolist() == [7, 7, 7]  # lowered to fit
+    run = ["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY_RUN, "--stride", "10", "--max-steps", "2"]
+    assert main(["train", *run]) == 0
+    printed = capsys.readouterr()
+    said = (printed.out + printed.err).count("clips are too short for --frames 4 at --stride 10")
+    assert said == 1  # once for the run, not once per sample

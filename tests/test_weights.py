@@ -167,3 +167,34 @@ def test_is_cached_looks_only_at_the_disk(tiny_kit, tmp_path):
 
     assert is_cached(tiny_kit["face_adapter"])
     assert not is_cached(registry.MOTION_ADAPTER)  # offline, empty cache: no download is attempted
+
+
+def _download(tmp_path, *argv):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    return subprocess.run(
+        [sys.executable, "-m", "idanimator", "download", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_download_checks_backbone_names_before_fetching_anything(tmp_path):
+    """Issue 18: a name outside the registry was a KeyError traceback after the other parts were fetched."""
+    proc = _download(tmp_path, "--backbone", "no-such-backbone")
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout  # nothing was started
+    assert proc.stderr.startswith("error: 'no-such-backbone' is neither") and proc.stderr.count("\n") == 1
+
+
+def test_download_takes_a_hub_id_and_a_local_folder_as_backbone(tiny_kit, tmp_path):
+    """The README's --backbone NAME|HUB_ID|PATH: every part in an offline Hugging Face cache, a Hub id and a
+    local folder as backbones."""
+    cache = tmp_path / "hub"
+    _put_in_hub_cache(cache, "ID-Animator/ID-Animator", {"animator.ckpt": tiny_kit["face_adapter"]}, repo_type="space")
+    _put_in_hub_cache(cache, "guoyww/animatediff-motion-adapter-v1-5-2", {"": tiny_kit["motion_adapter"]})
+    _put_in_hub_cache(cache, "h94/IP-Adapter", {"models/image_encoder": tiny_kit["image_encoder"]})
+    for repo in ("stable-diffusion-v1-5/stable-diffusion-v1-5", "someone/some-backbone"):
+        _put_in_hub_cache(cache, repo, {"": tiny_kit["base"]})
+    proc = _download(tmp_path, "--backbone", "someone/some-backbone", "--backbone", str(tiny_kit["base"]))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "backbone someone/some-backbone: someone/some-backbone" in proc.stdout
+    assert f"  -> {tiny_kit['base']}" in proc.stdout

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        if args.command in {"make-tiny", "convert-checkpoint", "train"}:
+        if args.command in {"make-tiny", "convert-checkpoint"}:  # train quiets them after its cheap checks
             quiet_loading_bars()
         return args.run(args)
     except IDAnimatorError as exc:

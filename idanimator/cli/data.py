@@ -18,10 +18,18 @@ def _build_dataset(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..data.manifest import manifest_path
     from ..training.config import TrainConfig
+
+    # Flags and paths (--data's manifest, a run already in --out) are checked first, so a mistake is reported
+    # at once instead of after the seconds torch, diffusers and accelerate take to import.
+    config = TrainConfig.from_namespace(args).validate()
+    manifest_path(config.data)
+    from ..console import quiet_loading_bars
     from ..training.loop import train
 
-    train(TrainConfig.from_namespace(args))
+    quiet_loading_bars()
+    train(config)
     return 0
 
 

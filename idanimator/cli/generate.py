@@ -101,7 +101,16 @@ def extras_from_args(args: argparse.Namespace):
 
 
 def _generate_batch(args: argparse.Namespace) -> int:
-    from ..eval.batch import face_photos, parse_seeds, plan, read_prompts, run_batch, still_to_make, write_manifest
+    from ..eval.batch import (
+        face_photos,
+        parse_seeds,
+        plan,
+        read_prompts,
+        remove_partials,
+        run_batch,
+        still_to_make,
+        write_manifest,
+    )
 
     if any(getattr(args, flag) is not None for flag in ("face", "prompt", "out", "seed")):
         raise IDAnimatorError("A batch (--faces-dir, --prompts, --out-dir) takes no --face, --prompt, --out or --seed.")
@@ -116,6 +125,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
     fps = limits.FPS.check(args.fps)
     jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
     todo = still_to_make(jobs, args.out_dir, args.overwrite)
+    remove_partials(jobs, args.out_dir)
     write_manifest(jobs, settings, args.out_dir, fps)
     if todo:
         from ..face import crop_face, get_detector

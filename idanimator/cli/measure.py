@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import registry
 from ..errors import IDAnimatorError
+from ..files import kind_problem
 from .common import DETECTORS, HelpWithDefaults
 
 CLIP_DEFAULT = f"{registry.EVAL_CLIP.repo_id} from the Hugging Face cache"
@@ -19,11 +20,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     # Cheap checks first: a misspelt metric or path is reported before any model loads.
     metrics = parse_metrics(args.metrics)
+    if args.clip is not None and args.clip.expanduser().is_file():
+        raise IDAnimatorError(f"The CLIP model folder {args.clip} is a file, not a folder.")
     if args.clip is not None:
         check_clip_folder(args.clip)
-    for flag, path in (("--curricularface", args.curricularface), ("--insightface-root", args.insightface_root)):
-        if path is not None and not path.expanduser().exists():
-            raise IDAnimatorError(f"The path given to {flag}, {path}, does not exist.")
+    for flag, path, folder in (
+        ("--curricularface", args.curricularface, False),
+        ("--insightface-root", args.insightface_root, True),
+    ):
+        problem = None if path is None else kind_problem(path.expanduser(), folder=folder)
+        if problem:
+            raise IDAnimatorError(f"The path given to {flag}, {path}, {problem}.")
     options = EvalOptions(
         metrics=metrics,
         device=args.device,

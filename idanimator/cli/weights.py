@@ -6,20 +6,23 @@ import argparse
 from pathlib import Path
 
 from .. import registry
+from ..errors import IDAnimatorError
 from ..extras.spec import CONTROL_KINDS
 
 
 def _download(args: argparse.Namespace) -> int:
-    from ..weights import describe, resolve
+    from ..weights import describe, parse_source, resolve
 
+    names = list(registry.BACKBONES) if args.all_backbones else args.backbone or [registry.DEFAULT_BACKBONE]
+    # Every name is checked (a registry name, a Hub id owner/name or a local path) before anything is fetched.
+    backbones = [(f"backbone {name}", parse_source(name)) for name in names]
     wanted = [
         ("face adapter", registry.FACE_ADAPTER),
         ("motion adapter", registry.MOTION_ADAPTER),
         ("image encoder", registry.IMAGE_ENCODER),
         ("SD1.5 base model", registry.BASE_MODEL),
+        *backbones,
     ]
-    names = list(registry.BACKBONES) if args.all_backbones else args.backbone or [registry.DEFAULT_BACKBONE]
-    wanted += [(f"backbone {name}", name) for name in names]
     if args.fast:
         wanted.append(("fast mode (AnimateLCM)", registry.ANIMATELCM))
     if args.control:
@@ -27,8 +30,7 @@ def _download(args: argparse.Namespace) -> int:
 
         wanted += [(f"{kind} control model", CONTROL_MODELS[kind]) for kind in args.control]
     for what, source in wanted:
-        shown = describe(source if not isinstance(source, str) else registry.BACKBONES[source].source)
-        print(f"{what}: {shown}")
+        print(f"{what}: {describe(source)}")
         print(f"  -> {resolve(source, what=what)}")
     return 0
 
@@ -36,6 +38,15 @@ def _download(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from ..adapter import load_face_adapter_weights, save_face_adapter_weights
 
+    # Cheap checks first: the output must be a new .safetensors name, not the input itself.
+    if args.output.suffix.lower() != ".safetensors":
+        raise IDAnimatorError(
+            f"convert-checkpoint writes a .safetensors file, so the output {args.output} must end in .safetensors."
+        )
+    if args.output.expanduser().resolve() == args.input.expanduser().resolve():
+        raise IDAnimatorError(f"The output {args.output} is the input file itself; give another output name.")
+    if args.output.is_dir():
+        raise IDAnimatorError(f"The output {args.output} is a folder; give a file name ending in .safetensors.")
     weights = load_face_adapter_weights(args.input)
     out = save_face_adapter_weights(weights, args.output)
     print(
@@ -77,9 +88,14 @@ def add_parser(sub) -> None:
     conv.add_argument("output", type=Path)
     conv.set_defaults(run=_convert)
 
-    tiny = sub.add_parser("make-tiny", help="build the tiny random model kit in a folder")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--force", action="store_true")
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="build the tiny random model kit in a new or empty folder",
+        description="Build the tiny random model kit in DIR: a new folder, an empty one, or an existing kit (a "
+        "folder holding its kit.json). A folder holding anything else is refused and left untouched.",
+    )
+    tiny.add_argument("dir", type=Path, metavar="DIR", help="a new or empty folder, or an existing kit")
+    tiny.add_argument("--force", action="store_true", help="rebuild the kit already in DIR (only a kit is replaced)")
     tiny.set_defaults(run=_make_tiny)
 
     bb = sub.add_parser("backbones", help="list the registry's community backbones")

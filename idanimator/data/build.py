@@ -14,24 +14,34 @@ or face, is one warning line and a record (it is tried again only once the file 
 Videos are processed by a pool of threads, not processes: the heavy steps (ffmpeg in its own process,
 onnxruntime, OpenCV, PNG encoding, HTTP) release the GIL, and threads share one loaded detector and
 captioner instead of loading a copy per process.
+
+Two runs into one OUT would undo each other's clips, so a run holds an OS-level lock (``fcntl.flock``) on
+``OUT/.build-dataset.lock`` from start to end; a second run says so and stops. The kernel drops the lock
+when its process ends, killed or not, so there is never a stale lock to remove by hand. Writing the manifest
+takes a second lock, ``OUT/.manifest.lock`` (waited for, not refused). The two are kept apart on purpose:
+every per-video and per-clip record is written on its own, atomically, and depends on nothing another video
+writes, so a later ``--shard I/N`` (several machines each building their share of the videos into one shared
+OUT, then one assembly of the manifest from all records) needs only a lock per shard instead of the run lock,
+and the manifest lock as it is.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import IDAnimatorError
-from ..eval.reader import UnreadableVideoError
-from ..files import ensure_folder
+from ..errors import IDAnimatorError, UnreadableVideoError
+from ..files import ensure_folder, write_error
 from .captions import ACTION_FRAMES, Captioner, Rewriter, get_captioner, get_rewriter
 from .decode import read_frames, read_thumbnails
 from .facepool import FACES_PER_CLIP, FaceFilter, FacePool, candidate_frames, save_faces
@@ -39,6 +49,8 @@ from .labels import VideoLabels, labels_for, read_labels
 from .manifest import ClipRecord, read_json, write_json, write_manifest
 from .shots import CUT_THRESHOLD, MIN_CLIP_FRAMES, THUMB_SIZE, Clip, find_cuts, frame_distances, split_into_clips
 
+RUN_LOCK = ".build-dataset.lock"  # held by a run from start to end (see the module's notes)
+MANIFEST_LOCK = ".manifest.lock"  # held while the manifest is assembled from the clip records
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 Say = Callable[[str], None]
 
@@ -286,8 +298,6 @@ def build_dataset(videos: Path, out: Path, options: BuildOptions | None = None, 
     """Build (or finish building) the data set of every video in ``videos`` into ``out``; see the module's notes."""
     from tqdm import tqdm
 
-    from ..face import get_detector
-
     options = (options or BuildOptions()).validate()
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     videos, out = Path(videos).expanduser(), Path(out).expanduser()
@@ -296,6 +306,16 @@ def build_dataset(videos: Path, out: Path, options: BuildOptions | None = None, 
     paths = find_videos(videos, out)
     captioner, rewriter = get_captioner(options.captioner), get_rewriter(options.rewriter)
     ensure_folder(out)
+    busy = f"Another build-dataset run is writing into {out}; wait for it to finish or choose another --out."
+    with _locked(out / RUN_LOCK, busy=busy):
+        return _build_all(videos, out, options, labels, paths, captioner, rewriter, say)
+
+
+def _build_all(videos, out, options, labels, paths, captioner, rewriter, say: Say) -> BuildReport:
+    from tqdm import tqdm
+
+    from ..face import get_detector
+
     builder = _Builder(out, options, get_detector(options.detector), captioner, rewriter)
     relatives = [path.relative_to(videos) for path in paths]
     jobs = [
@@ -332,8 +352,33 @@ def build_dataset(videos: Path, out: Path, options: BuildOptions | None = None, 
     pool.shutdown()
     finished = [read_json(out / "clips" / f"{clip_id}.json") for clip_id in clip_ids]
     records = [ClipRecord.from_dict(data) for data in finished if data is not None]
-    report.manifest = write_manifest(out, records)
+    with _locked(out / MANIFEST_LOCK):
+        report.manifest = write_manifest(out, records)
     return report
+
+
+@contextmanager
+def _locked(path: Path, busy: str | None = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` for the block: with ``busy``, a lock held by another
+    process is that sentence at once, without it the lock is waited for. The file is never written (its
+    time stays put), and the lock goes with the process, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise write_error(path.parent, exc) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise IDAnimatorError(busy) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _count(n: int, noun: str) -> str:

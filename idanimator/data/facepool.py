@@ -19,7 +19,9 @@ The first ``faces_per_clip`` accepted candidates in the random order form the po
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,14 +124,17 @@ class FacePool:
 
 def save_faces(faces: list[tuple[int, FaceCrop]], folder: Path) -> list[Path]:
     """Write each face's CLIP input (224x224, as at inference) as ``folder/<frame:06d>.png``; a pool from an
-    earlier run with other settings is replaced, not mixed in."""
-    if folder.is_dir():
-        shutil.rmtree(folder)
-    ensure_folder(folder)
-    paths = []
-    for index, crop in faces:
-        path = folder / f"{index:06d}.png"
-        with atomic_path(path) as temp:
-            crop.image.save(temp, format="PNG")
-        paths.append(path)
-    return paths
+    earlier run with other settings is replaced, not mixed in. The pool is written into a hidden sibling
+    folder and renamed into place, so ``folder`` is only ever a whole pool (or missing for an instant)."""
+    work = folder.with_name(f".{folder.name}.partial-{secrets.token_hex(4)}")
+    try:
+        ensure_folder(work)
+        for index, crop in faces:
+            with atomic_path(work / f"{index:06d}.png") as temp:
+                crop.image.save(temp, format="PNG")
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        os.replace(work, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [folder / f"{index:06d}.png" for index, _ in faces]

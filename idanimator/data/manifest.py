@@ -83,17 +83,23 @@ class ClipRecord:
         return record
 
 
+def manifest_path(path: str | os.PathLike[str]) -> Path:
+    """The manifest file of ``path`` (the file itself or the data set's folder); a missing one is one sentence."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise IDAnimatorError(f"There is no data set manifest at {path}; build one with `idanimator build-dataset`.")
+    return path
+
+
 def read_manifest(path: str | os.PathLike[str]) -> list[ClipRecord]:
     """The clips of a data set: give ``OUT/manifest.jsonl`` or the folder OUT itself.
 
     Each record's relative paths resolve against the manifest's folder (``record.video_path``,
     ``record.face_paths``). A missing or damaged manifest is an IDAnimatorError naming the line.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise IDAnimatorError(f"There is no data set manifest at {path}; build one with `idanimator build-dataset`.")
+    path = manifest_path(path)
     root = path.parent.resolve()
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -4,8 +4,8 @@ It writes exactly the layout ``eval`` reads: ``OUT/NAME.mp4`` with its prompt in
 NAME is ``FACE--pNN--sSEED`` (FACE the photo's file name without suffix, NN the prompt's position from 00)
 so that ``eval --faces`` pairs each video with the photo it was made from. The model loads once; each photo
 is checked (a face is found) before it loads, and each video is written atomically, so an interrupted run
-can simply be started again: videos already there are kept (``overwrite`` makes them anew), and when all
-are there the model is not loaded at all.
+can simply be started again: videos already there are kept (``overwrite`` makes them anew), the hidden
+partial files a killed run left are removed, and when all are there the model is not loaded at all.
 ``OUT/generation.json`` records the settings.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import IDAnimatorError
-from ..files import atomic_path, ensure_folder
+from ..files import atomic_path, ensure_folder, is_hidden, kind_problem, remove_stale_partials
 from ..settings import GenerationSettings, parse_seed
 from .pairing import FACE_SUFFIXES, SEPARATOR
 
@@ -41,6 +41,9 @@ def read_prompts(path: Path) -> list[str]:
     """A text file with one prompt a line (blank lines and lines starting with # are skipped), or a JSON
     list of strings."""
     path = Path(path).expanduser()
+    problem = kind_problem(path, folder=False)
+    if problem:
+        raise IDAnimatorError(f"The prompts file {path} {problem}.")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -83,9 +86,12 @@ def parse_seeds(text: str) -> list[int]:
 
 def face_photos(folder: Path) -> list[Path]:
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise IDAnimatorError(f"The faces folder {folder} does not exist or is not a folder.")
-    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FACE_SUFFIXES)
+    problem = kind_problem(folder, folder=True)
+    if problem:
+        raise IDAnimatorError(f"The faces folder {folder} {problem}.")
+    photos = sorted(
+        p for p in folder.iterdir() if p.is_file() and not is_hidden(p) and p.suffix.lower() in FACE_SUFFIXES
+    )
     if not photos:
         raise IDAnimatorError(f"The faces folder {folder} holds no photos ({', '.join(FACE_SUFFIXES)}).")
     return photos
@@ -115,6 +121,13 @@ def still_to_make(jobs: list[BatchJob], out: Path, overwrite: bool = False) -> l
     """The jobs whose video is not in ``out`` yet (all of them with ``overwrite``)."""
     out = Path(out).expanduser()
     return list(jobs) if overwrite else [job for job in jobs if not (out / f"{job.name}.mp4").is_file()]
+
+
+def remove_partials(jobs: list[BatchJob], out: Path) -> list[Path]:
+    """Remove the hidden half-written files (``.NAME.HEX.partial.mp4``) a killed run left for this batch's own
+    videos, prompt files and manifest; files of other names are left alone."""
+    names = [MANIFEST, *(f"{job.name}{suffix}" for job in jobs for suffix in (".mp4", ".txt"))]
+    return remove_stale_partials(Path(out).expanduser(), names)
 
 
 def run_batch(

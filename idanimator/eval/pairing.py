@@ -37,10 +37,15 @@ def _folder(path: Path, what: str) -> Path:
     return path
 
 
+def _hidden(path: Path) -> bool:
+    """A dot file: a killed writer's ``.NAME.HEX.partial.mp4`` (files.atomic_path), macOS's ``._NAME.mp4``."""
+    return path.name.startswith(".")
+
+
 def _faces_by_stem(faces: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(faces.iterdir()):
-        if path.is_file() and path.suffix.lower() in FACE_SUFFIXES:
+        if path.is_file() and not _hidden(path) and path.suffix.lower() in FACE_SUFFIXES:
             found.setdefault(path.stem, path)  # NAME.png wins over NAME.jpg (sorted order), deterministically
     return found
 
@@ -58,6 +63,8 @@ def reference_for(name: str, faces: dict[str, Path]) -> Path | None:
 
 def load_prompt_map(path: Path) -> dict[str, str]:
     """A JSON object mapping a video's name (with or without its suffix) to its prompt."""
+    if Path(path).is_dir():
+        raise IDAnimatorError(f"The prompts file {path} is a folder, not a file.")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -87,7 +94,8 @@ def find_items(videos: Path, faces: Path, prompts_file: Path | None = None) -> l
     if prompts_file is None and (videos / PROMPTS_FILE).is_file():
         prompts_file = videos / PROMPTS_FILE
     prompts = load_prompt_map(prompts_file) if prompts_file is not None else {}
-    files = sorted(p for p in videos.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    # Hidden files are skipped: a killed writer's .NAME.HEX.partial.mp4, macOS's ._NAME.mp4.
+    files = sorted(p for p in videos.iterdir() if p.is_file() and not _hidden(p) and p.suffix.lower() in VIDEO_SUFFIXES)
     if not files:
         kinds = ", ".join(VIDEO_SUFFIXES)
         raise IDAnimatorError(f"The videos folder {videos} holds no video files ({kinds}).")

@@ -1,58 +1,26 @@
 """Reading a video back for measuring it, and choosing which frames a metric looks at.
 
-The product's :mod:`idanimator.video` writes videos; this only reads them, through the ffmpeg that
-imageio-ffmpeg bundles (no system ffmpeg and no OpenCV video back end are needed). Every failure is an
-:class:`UnreadableVideoError` with one sentence, so the evaluation can report it for that video and go on.
+Videos are read by the package's one reader (:mod:`idanimator.video`): every frame at full size, within
+``settings.MAX_DECODED_PIXELS``. Every failure is an :class:`~idanimator.errors.UnreadableVideoError` with one
+sentence, so the evaluation can report it for that video and go on.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import IDAnimatorError
+from .. import video
+from ..video import Video
 
 NUM_SAMPLED_FRAMES = 16  # ConsisID's protocol: every face and CLIP-text metric looks at 16 frames
 
 
-class UnreadableVideoError(IDAnimatorError):
-    """A video file is missing, corrupt, or has no frames."""
-
-
-@dataclass
-class Video:
-    frames: np.ndarray  # (frames, height, width, 3) uint8 RGB
-    fps: float
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-
 def read_video(path: str | os.PathLike[str]) -> Video:
-    """Decode every frame of a video file (MP4, WebM, GIF, ...) to RGB."""
-    import imageio_ffmpeg
-
-    path = Path(path)
-    if not path.is_file():
-        raise UnreadableVideoError(f"The video {path.name} does not exist.")
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        frames = [np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3) for raw in reader]
-    except (OSError, RuntimeError, StopIteration, ValueError, IndexError, KeyError) as exc:
-        raise UnreadableVideoError(
-            f"The file {path.name} could not be read as a video (corrupt or truncated)."
-        ) from exc
-    finally:
-        reader.close()
-    if not frames:
-        raise UnreadableVideoError(f"The video {path.name} has no frames.")
-    fps = float(meta.get("fps") or 0.0)
-    return Video(frames=np.stack(frames), fps=fps if fps > 0 else 8.0)
+    """Decode every frame of a video file (MP4, WebM, GIF, ...) to RGB; 8 fps when the file does not say."""
+    decoded = video.read_video(path)
+    return Video(frames=decoded.frames, fps=decoded.fps if decoded.fps > 0 else 8.0)
 
 
 def evenly_spaced(total: int, count: int = NUM_SAMPLED_FRAMES) -> list[int]:

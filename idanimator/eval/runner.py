@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DetectorUnavailableError, IDAnimatorError
+from ..errors import DetectorUnavailableError, IDAnimatorError, UnreadableVideoError
 from ..files import ensure_folder
 from . import report
 from .motion import FLOW_NAME, motion_scores
 from .pairing import EvalItem, find_items
-from .reader import NUM_SAMPLED_FRAMES, UnreadableVideoError, read_video
+from .reader import NUM_SAMPLED_FRAMES, read_video
 from .spec import CLIP_METRICS, FACE_METRICS, FACE_RATE, METRICS, MOTION_METRICS, ModelUnavailableError, columns
 
 Say = Callable[[str], None]

@@ -33,8 +33,8 @@ DESCRIPTIONS = {
 
 def parse_metrics(text: str | None) -> tuple[str, ...]:
     """``"all"`` (None), or a comma-separated list of metric names and groups (face, clip, motion), in
-    any letter case; returned in the canonical order."""
-    if text is None or not text.strip():
+    any letter case; returned in the canonical order. An empty list is refused (it is not "all")."""
+    if text is None:
         return METRICS
     lookup = {name.lower(): (name,) for name in METRICS} | {group: names for group, names in GROUPS.items()}
     wanted: set[str] = set()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UnreadableVideoError
 from ..images import describe_source, read_image
 from .spec import ControlSpec
 
@@ -49,7 +49,7 @@ def condition_frames(spec: ControlSpec, num_frames: int, size: tuple[int, int]) 
                 raise InvalidRequestError(f"Two control images are placed at frame {first.frame}; give each its own.")
         images = [_keyframe_condition(spec.kind, key.image, width, height) for key in keys]
         return Conditions(images, [key.frame for key in keys])
-    frames = [_fit(frame, width, height) for frame in read_video_frames(spec.video, num_frames)]
+    frames = [_fit(frame, width, height) for frame in read_video_frames(spec.video, num_frames, size)]
     if spec.kind == "canny":
         frames = [canny_edges(frame) for frame in frames]
     elif spec.kind == "depth":
@@ -87,41 +87,28 @@ def sketch_lines(image: Image.Image) -> Image.Image:
 # -- driving videos (ControlNet) ----------------------------------------------------------------
 
 
-def read_video_frames(video, num_frames: int) -> list[Image.Image]:
-    """The first ``num_frames`` frames of a video file (anything ffmpeg reads: MP4, WebM, MOV, GIF) or of a
-    sequence of images, as RGB PIL images."""
+def read_video_frames(video, num_frames: int, size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """The first ``num_frames`` frames of a video file (anything :mod:`idanimator.video` reads: MP4, WebM,
+    MOV, GIF) or of a sequence of images, as RGB PIL images. ``size`` (height, width): a video's frames are
+    shrunk in the decoder to just cover it (never enlarged), so a huge driving video costs no more memory
+    than the generation itself; a video too large even so is refused with a sentence before decoding."""
+    from ..video import read_video  # here: a GPU machine running benchmarks/gpu.py has no imageio-ffmpeg
+
     if isinstance(video, (list, tuple)):
         frames = [read_image(frame)[0] for frame in video[:num_frames]]
         name = "The control video"
     else:
         name = f"The control video {describe_source(video)}"
-        frames = _decode_video(Path(video), num_frames, name)
+        cover = None if size is None else (size[1], size[0])
+        try:
+            decoded = read_video(Path(video), first=num_frames, cover=cover)
+        except UnreadableVideoError as exc:  # missing, not a media file, too large, corrupt: one sentence
+            raise InvalidRequestError(str(exc)) from exc
+        frames = [Image.fromarray(frame) for frame in decoded.frames]
     if len(frames) < num_frames:
         raise InvalidRequestError(
             f"{name} has only {len(frames)} frames but {num_frames} were asked for; use a longer video or fewer frames."
         )
-    return frames
-
-
-def _decode_video(path: Path, num_frames: int, name: str) -> list[Image.Image]:
-    import cv2
-
-    if not path.is_file():
-        raise InvalidRequestError(f"{name} does not exist.")
-    capture = cv2.VideoCapture(str(path))
-    try:
-        if not capture.isOpened():
-            raise InvalidRequestError(f"{name} cannot be read as a video; use an MP4, WebM, MOV or GIF file.")
-        frames = []
-        while len(frames) < num_frames:
-            ok, frame = capture.read()
-            if not ok or frame is None:
-                break
-            frames.append(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
-    finally:
-        capture.release()
-    if not frames:
-        raise InvalidRequestError(f"{name} holds no readable frames; use an MP4, WebM, MOV or GIF file.")
     return frames
 
 

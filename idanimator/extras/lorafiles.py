@@ -41,6 +41,7 @@ def check_source(source: str) -> tuple:
     text = str(source).strip()
     path = Path(text).expanduser()
     if path.is_dir():
+        _pick_file(sorted(p.name for p in path.glob("*.safetensors")), text)  # a folder without one LoRA file
         return ("local", path)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":

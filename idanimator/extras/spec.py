@@ -32,14 +32,20 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """``PATH_OR_ID[:WEIGHT]`` as the CLI takes it (a Windows drive letter is not a weight)."""
+        """``PATH_OR_ID[:WEIGHT]`` as the CLI takes it (a Windows drive letter is not a weight). Text after the
+        last ``:`` that is not a number is refused, unless the whole text names an existing file or folder."""
         source, sep, weight = str(text).rpartition(":")
-        if not sep or not source or len(source) == 1:
+        if not sep or not source or len(source) == 1 or Path(str(text).strip()).expanduser().exists():
             return cls(str(text).strip())
         try:
             return cls(source.strip(), float(weight))
         except ValueError:
-            return cls(str(text).strip())
+            if "/" in weight or "\\" in weight:  # a path or URL-like text, not a weight
+                return cls(str(text).strip())
+            raise InvalidRequestError(
+                f"The weight {weight.strip()!r} of the LoRA {source.strip()} must be a number, as in "
+                f"{source.strip()}:0.8."
+            ) from None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def tiny_control_models(root: str | Path | None = None, base: str | Path | None 
     marker = root / "control-kit.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == CONTROL_KIT_VERSION:
         return paths
-    with atomic_folder(root) as work:
+    with atomic_folder(root, marker="control-kit.json", what="a tiny control kit") as work:
         _build(work, base)
         (work / "control-kit.json").write_text(json.dumps({"version": CONTROL_KIT_VERSION}))
     return paths

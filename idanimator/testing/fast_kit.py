@@ -95,7 +95,7 @@ def build_fast_kit(
     if (root / "kit.json").is_file():
         return paths
     kit = kit or build_tiny_kit(default_tiny_dir())
-    with atomic_folder(root) as work:
+    with atomic_folder(root, marker="kit.json", what="a tiny fast-mode kit") as work:
         torch.manual_seed(seed)  # the kit's configuration, other random weights
         MotionAdapter.from_config(MotionAdapter.load_config(kit["motion_adapter"])).save_pretrained(work)
         unet = UNet2DConditionModel.from_pretrained(kit["base"], subfolder="unet")

@@ -233,7 +233,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
     marker = root / "kit.json"
     if marker.is_file() and not force:
         return paths
-    with atomic_folder(root) as work:
+    with atomic_folder(root, marker="kit.json", what="a tiny kit") as work:
         torch.manual_seed(seed)
         work_paths = tiny_kit_paths(work)
         _tiny_base(work_paths["base"], release_scheduler())

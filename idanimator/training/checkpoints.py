@@ -28,10 +28,9 @@ import torch
 from ..adapter import FaceAdapterWeights, load_face_adapter_weights, save_face_adapter_weights, save_official_checkpoint
 from ..errors import IDAnimatorError
 from ..files import ensure_folder
+from .config import CHECKPOINTS, OFFICIAL_FILE
 
-CHECKPOINTS = "checkpoints"
 ADAPTER_FILE = "adapter.safetensors"
-OFFICIAL_FILE = "animator.ckpt"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -101,7 +100,7 @@ def checkpoints_in(out: Path) -> list[Path]:
     """The complete checkpoints under ``out``, oldest first."""
     root = Path(out) / CHECKPOINTS
     found = [p for p in root.iterdir() if _STEP.match(p.name) and (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
+    return sorted(found, key=_step)
 
 
 def find_resume(spec: str, out: Path) -> Path:
@@ -116,10 +115,31 @@ def find_resume(spec: str, out: Path) -> Path:
 
 
 def read_checkpoint(folder: Path) -> tuple[FaceAdapterWeights, dict, dict]:
-    """(adapter weights, training state, the saved run's settings)."""
-    try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        saved = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise IDAnimatorError(f"The checkpoint {folder} is damaged ({exc}); resume from an earlier one.") from exc
+    """(adapter weights, training state, the saved run's settings); a damaged file is one sentence naming it
+    and, when there is one, the earlier checkpoint to resume from."""
+    for name in (STATE_FILE, CONFIG_FILE):
+        path = folder / name
+        try:
+            if name == STATE_FILE:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                ok = isinstance(state, dict) and {"step", "optimizer", "lr_scheduler"} <= state.keys()
+            else:
+                saved = json.loads(path.read_text())
+                ok = isinstance(saved, dict)
+        except Exception:  # torch.load raises many kinds (zip, pickle, EOF) with long texts: the file is what matters
+            ok = False
+        if not ok:
+            raise IDAnimatorError(_damaged(path, folder))
     return load_face_adapter_weights(folder / ADAPTER_FILE), state, saved
+
+
+def _damaged(path: Path, folder: Path) -> str:
+    match = _STEP.match(folder.name)
+    earlier = [c for c in checkpoints_in(folder.parent.parent) if match and _step(c) < int(match.group(1))]
+    if earlier:
+        return f"The checkpoint file {path} is damaged; resume from the one before it with --resume {earlier[-1]}."
+    return f"The checkpoint file {path} is damaged and no earlier checkpoint exists; start again with another --out."
+
+
+def _step(folder: Path) -> int:
+    return int(_STEP.match(folder.name).group(1))

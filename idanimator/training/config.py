@@ -13,10 +13,14 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from ..errors import InvalidRequestError
+from ..errors import IDAnimatorError, InvalidRequestError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 MAX_FRAMES = 32  # the motion module's positional encoding holds 32 frames
+# A run's output folder (here, not in checkpoints.py or loop.py, so the CLI checks it before importing torch).
+CHECKPOINTS = "checkpoints"
+OFFICIAL_FILE = "animator.ckpt"
+LOG_FILE = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,11 @@ class TrainConfig:
     tiny: bool = False
 
     def validate(self) -> TrainConfig:
-        """Return the config with paths made absolute; a bad value raises one sentence naming it."""
+        """Return the checked config; a bad value or path raises one sentence naming it.
+
+        Cheap (no torch): the CLI runs it before the heavy imports. ``data`` and ``out`` stay as the user gave
+        them (``~`` expanded) so messages show them that way; :meth:`to_json` records them resolved.
+        """
         _whole("--frames", self.frames, 1, MAX_FRAMES)
         _whole("--stride", self.stride, 1, 1000)
         _whole("--size", self.size, 64, 2048)
@@ -78,7 +86,22 @@ class TrainConfig:
             raise InvalidRequestError("The dropout rates must each be between 0 and 1, and add up to at most 1.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise InvalidRequestError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}.")
-        return replace(self, data=Path(self.data).expanduser().resolve(), out=Path(self.out).expanduser().resolve())
+        config = replace(self, data=Path(self.data).expanduser(), out=Path(self.out).expanduser())
+        config.check_paths()
+        return config
+
+    def check_paths(self) -> None:
+        """--data is a folder; --out is a folder (or nothing yet) and holds no run unless --resume is given.
+        (Whether --data holds a manifest is checked by the train command, and by :func:`.data.load_clips`.)"""
+        data, out = Path(self.data), Path(self.out)
+        if not data.is_dir():
+            raise IDAnimatorError(f"The data set folder {data} does not exist; give the --out of `build-dataset`.")
+        if out.exists() and not out.is_dir():
+            raise IDAnimatorError(f"--out {out} is a file; give a folder for the run.")
+        if self.resume not in (None, "latest") and not Path(self.resume).expanduser().exists():
+            raise IDAnimatorError(f"--resume {self.resume} does not exist; give a run's --out folder or a checkpoint.")
+        if self.resume is None and holds_run(out):
+            raise IDAnimatorError(f"A run is already in {out}: add --resume or choose another --out.")
 
     @property
     def samples_per_step(self) -> int:
@@ -86,7 +109,7 @@ class TrainConfig:
         return self.batch * self.grad_accum
 
     def to_json(self) -> str:
-        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        values = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(self).items()}
         return json.dumps(values, indent=2, sort_keys=True)
 
     @classmethod
@@ -124,6 +147,18 @@ def resume_mismatch(saved: dict, config: TrainConfig) -> str | None:
                 "resume with the same settings."
             )
     return None
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a training run's results (a checkpoint, the final adapter or a step log), which a
+    new run there would overwrite. A folder with only a ``config.json`` (a run stopped before its first step)
+    does not count."""
+    out = Path(out)
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()):
+        return True
+    log = out / LOG_FILE
+    return (out / OFFICIAL_FILE).exists() or (log.is_file() and log.stat().st_size > 0)
 
 
 def _whole(flag: str, value, low: int, high: int) -> None:

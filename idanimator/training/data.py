@@ -3,8 +3,9 @@
 A dataset folder holds ``manifest.jsonl`` (one clip a line, written by ``build-dataset``, read with
 :func:`idanimator.data.manifest.read_manifest`): the clip's video and frame range, its caption and its face
 pool (face crops aligned as inference aligns a photo, and the frame each came from). Per sample, only the
-frames used are decoded: ffmpeg seeks to the first one (frame n is taken at n / fps, the manifest's
-constant rate) and stops after the last, with no frame dropped or repeated (as ``build-dataset`` counts).
+frames used are handed over, shrunk in the decoder to the training size, by the package's one reader
+(:mod:`idanimator.video`): frame n is the n-th decoded frame, as ``build-dataset`` counts, and decoding stops
+after the last.
 Every random draw of a sample (its frames, references and condition dropout) comes from the run's seed and
 the sample's position in the stream, so a resumed run reads exactly the same samples.
 """
@@ -21,6 +22,7 @@ from PIL import Image
 
 from ..data.manifest import MANIFEST_NAME, read_manifest
 from ..errors import IDAnimatorError
+from ..video import read_video
 from .references import PoolFace, draw_references
 
 CLIP_SIZE = 224  # the CLIP image encoder's input; 112-pixel aligned crops are enlarged to it, as at inference
@@ -68,7 +70,7 @@ def load_clips(data: Path, frames: int) -> tuple[list[Clip], str | None]:
     records = read_manifest(path)
     if not records:
         raise IDAnimatorError(f"{path} lists no clips; build the dataset again.")
-    clips, short, no_video, no_face, missing_faces = [], 0, 0, 0, 0
+    clips, short, no_video, no_face, missing_faces = [], 0, [], 0, 0
     for record in records:
         clip = _clip_from(record)
         present = tuple(face for face in clip.faces if face.path.is_file())
@@ -76,14 +78,14 @@ def load_clips(data: Path, frames: int) -> tuple[list[Clip], str | None]:
         if clip.length < frames:
             short += 1
         elif not clip.video.is_file():
-            no_video += 1
+            no_video.append(record.video)  # as the manifest names it
         elif not present:
             no_face += 1
         else:
             clips.append(replace(clip, faces=present))
     reasons = [
         f"{short} shorter than --frames {frames}" if short else "",
-        f"{no_video} whose video is missing" if no_video else "",
+        _missing_videos(no_video) if no_video else "",
         f"{no_face} with no face in its pool" if no_face else "",
     ]
     reasons = ", ".join(r for r in reasons if r)
@@ -97,8 +99,29 @@ def load_clips(data: Path, frames: int) -> tuple[list[Clip], str | None]:
     return clips, " ".join(notes) or None
 
 
+def _missing_videos(videos: list[str], shown: int = 3) -> str:
+    """'2 whose video is missing (videos/a.mp4, videos/b.mp4)': the first few videos named, once each."""
+    names = list(dict.fromkeys(videos))
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"{len(videos)} whose video is missing ({listed})"
+
+
+def stride_note(clips: list[Clip], frames: int, stride: int) -> str | None:
+    """A sentence counting the clips too short for ``frames`` frames ``stride`` apart (their frames are taken
+    closer together, see :func:`sample_window`), or None; said once per run, not per sample."""
+    span = (frames - 1) * stride + 1
+    short = sum(clip.length < span for clip in clips)
+    if not short:
+        return None
+    return (
+        f"{short} of {len(clips)} clips are too short for --frames {frames} at --stride {stride} ({span} source "
+        "frames), so their frames are taken closer together."
+    )
+
+
 def sample_window(clip: Clip, frames: int, stride: int, rng: np.random.Generator) -> list[int]:
-    """``frames`` source frame indices, ``stride`` apart (less for a clip too short for it), at a random start."""
+    """``frames`` source frame indices, ``stride`` apart (less for a clip too short for it, which
+    :func:`stride_note` reports once), at a random start."""
     if frames > 1:
         stride = max(1, min(stride, (clip.length - 1) // (frames - 1)))
     span = (frames - 1) * stride + 1
@@ -106,29 +129,12 @@ def sample_window(clip: Clip, frames: int, stride: int, rng: np.random.Generator
     return [first + i * stride for i in range(frames)]
 
 
-def read_frames(video: Path, indices: list[int], fps: float) -> np.ndarray:
-    """Frames ``indices`` (ascending) of a video as [frames, height, width, 3] uint8, decoding only from the
-    first to the last of them: ffmpeg seeks (accurately) to half a frame before the first."""
-    import imageio_ffmpeg
-
-    first, last = indices[0], indices[-1]
-    seek = ["-ss", f"{(first - 0.5) / fps:.6f}"] if first > 0 else []
-    reader = imageio_ffmpeg.read_frames(str(video), input_params=seek, output_params=["-fps_mode", "passthrough"])
-    wanted, frames = {i - first for i in indices}, {}
-    try:
-        width, height = next(reader)["size"]
-        for offset, raw in enumerate(reader):
-            if offset in wanted:
-                frames[offset] = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
-            if offset >= last - first:
-                break
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise IDAnimatorError(f"The video {video} could not be read ({exc}).") from exc
-    finally:
-        reader.close()
-    if len(frames) != len(wanted):
-        raise IDAnimatorError(f"The video {video} ends before frame {last}; its manifest entry is wrong.")
-    return np.stack([frames[i - first] for i in indices])
+def read_frames(video: Path, indices: list[int], fps: float | None = None, *, cover: int | None = None) -> np.ndarray:
+    """Frames ``indices`` (ascending) of a video as [frames, height, width, 3] uint8, addressed as
+    ``build-dataset`` counts them (the n-th decoded frame, right on variable frame rate files too); decoding
+    stops after the last. ``cover``: shrunk in the decoder to at least ``cover`` x ``cover`` (never enlarged).
+    ``fps`` is not used: frames are found by number, not by time."""
+    return read_video(video, indices, cover=None if cover is None else (cover, cover)).frames
 
 
 def resize_center_crop(frame: np.ndarray, size: int) -> Image.Image:
@@ -203,7 +209,7 @@ class ClipDataset(torch.utils.data.Dataset):
         window = sample_window(clip, self.frames, self.stride, rng)
         chosen = [clip.faces[i] for i in draw_references(clip.faces, window, self.num_references, rng)]
         drop_text, drop_face = self.dropout.draw(rng)
-        pixels = read_frames(clip.video, window, clip.fps)
+        pixels = read_frames(clip.video, window, cover=self.size)  # resize_center_crop finishes
         frames = np.stack([np.asarray(resize_center_crop(f, self.size)) for f in pixels])
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         faces = [clip_input(Image.open(face.path)) for face in chosen]

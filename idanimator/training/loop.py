@@ -21,14 +21,13 @@ import torch
 from ..errors import IDAnimatorError
 from ..files import ensure_folder
 from . import checkpoints as ckpt
-from .config import TrainConfig, resume_mismatch
-from .data import ClipDataset, ClipStream, Dropout, collate, load_clips
+from .config import LOG_FILE, TrainConfig, resume_mismatch
+from .data import ClipDataset, ClipStream, Dropout, collate, load_clips, stride_note
 from .init import read_initial_adapter
 from .modules import FaceAdapterTrainingModel, TrainableFaceAdapter
 from .objective import diffusion_loss, micro_step_generator
 from .parts import load_frozen_parts
 
-LOG_FILE = "log.jsonl"
 TRACKER_RUN = "train"
 
 
@@ -89,19 +88,21 @@ def train(config: TrainConfig, say=print) -> TrainResult:
     else:
         initial = read_initial_adapter(config.init_adapter, _tiny_adapter(config))
 
+    out = config.out.resolve()  # paths as given are for messages; accelerate and TensorBoard get absolute ones
     accelerator = Accelerator(
         gradient_accumulation_steps=config.grad_accum,
         mixed_precision=config.mixed_precision,
         log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     main = accelerator.is_main_process
     say = say if main else (lambda line: None)
     if main:
         ensure_folder(config.out)
         (config.out / "config.json").write_text(config.to_json())
-    if skipped:
-        say(f"note: {skipped}")
+    for note in (skipped, stride_note(clips, config.frames, config.stride)):
+        if note:
+            say(f"note: {note}")
     start = initial.description if resume_from is None else f"{resume_from} (step {resumed_state['step']})"
     say(f"training on {len(clips)} clips; starting from {start}")
 
