@@ -106,13 +106,12 @@ from pathlib import Path
 import gradio as gr
 import spaces
 
-from idanimator import registry
-from idanimator import settings as limits
+from idanimator import registry, settings
 from idanimator.console import quiet_loading_bars
-from idanimator.errors import IDAnimatorError
-from idanimator.extras.spec import CONTROL_STRENGTH, FAST_GUIDANCE, FAST_STEPS, LORA_WEIGHT
+from idanimator.errors import IDAnimatorError, InvalidRequestError
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
-from idanimator.studio import Finished, Job, Progress, Request, Segment, Studio, StudioOptions, face_strip
+from idanimator.request import ControlSpec, GenerationRequest, KeyFrame, LoraSpec
+from idanimator.studio import Failed, Finished, Job, Progress, Segment, Studio, StudioOptions, face_strip
 
 log = logging.getLogger("idanimator.app")
 
@@ -217,19 +216,19 @@ def resolutions(engine: Studio) -> dict[str, tuple[int, int]]:
 
 def starting_values(engine: Studio) -> dict:
     """The widgets' starting values: the release's defaults, or sizes a CPU renders in seconds in tiny mode."""
-    tiny = limits.TINY_DEFAULTS if engine.tiny else {}
+    tiny = settings.TINY_DEFAULTS if engine.tiny else {}
     return dict(
-        num_frames=tiny.get("num_frames", limits.FRAMES.default),
-        steps=tiny.get("steps", limits.STEPS.default),
-        guidance_scale=limits.GUIDANCE.default,
-        id_scale=limits.ID_SCALE.default,
-        fps=limits.FPS.default,
+        num_frames=tiny.get("num_frames", settings.FRAMES.default),
+        steps=tiny.get("steps", settings.STEPS.default),
+        guidance_scale=settings.GUIDANCE.default,
+        id_scale=settings.ID_SCALE.default,
+        fps=settings.FPS.default,
         resolution=next(iter(resolutions(engine))),
         backbone=engine.backbones()[0],
     )
 
 
-def slider(limit: limits.Limit, value, label: str | None = None, maximum=None, **kwargs) -> gr.Slider:
+def slider(limit: settings.Limit, value, label: str | None = None, maximum=None, **kwargs) -> gr.Slider:
     """A slider whose range and step are the setting's own (the library validates with the same Limit), up to
     ``maximum`` when the operator caps it (gradio then refuses larger values from API callers too)."""
     high = limit.high if maximum is None else min(limit.high, maximum)
@@ -255,7 +254,7 @@ def show_faces(files):
 
 @spaces.GPU(duration=Job.gpu_seconds)
 def run_on_gpu(job: Job):
-    """The GPU part of a request (on ZeroGPU, in a forked worker): studio events, then ("failed", sentence)
+    """The GPU part of a request (on ZeroGPU, in a forked worker): studio events, ending in Failed(sentence)
     instead of an exception, since only plain picklable values cross the process.
 
     Stop is gradio's own cancellation: it closes `generate` at its next yield, whose `finally` closes this
@@ -264,82 +263,89 @@ def run_on_gpu(job: Job):
     try:
         yield from studio().execute(job, stream=STREAMING)
     except IDAnimatorError as exc:
-        yield "failed", str(exc)
+        yield Failed(str(exc))
     except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
         log.exception("generation failed")
-        yield "failed", UNEXPECTED.format(type(exc).__name__)
+        yield Failed(UNEXPECTED.format(type(exc).__name__))
 
 
-def _request(
-    files,
-    prompt,
-    negative_prompt,
-    add_suffix,
-    backbone,
-    custom_backbone,
-    seed,
-    randomize,
-    id_scale,
-    frames,
-    steps,
-    guidance,
-    fps,
-    resolution,
-    fast,
-    free_init,
-    loras,
-    lora_weight,
-    control,
-    control_images,
-    control_frames,
-    control_video,
-    control_strength,
-) -> Request:
-    """The page's inputs (in the order of `inputs` in build_demo) as the studio's request."""
+# What the page sends that is not a request field as it is: the photos, and the widgets it translates.
+PAGE_ONLY = (
+    "faces",
+    "custom_backbone",
+    "randomize_seed",
+    "resolution",
+    "lora_weight",
+    "control_images",
+    "control_frames",
+    "control_video",
+    "control_strength",
+)
+REQUEST_FIELDS = {f for f in GenerationRequest.__dataclass_fields__ if not f.startswith("_")}
+
+
+def request_from_page(values: dict) -> tuple[list, GenerationRequest]:
+    """The page's values (by widget name) as the photos and the request. Widgets named like a request field go
+    in as they are; only the page's own translations are made here: "randomize" -> no seed, a resolution
+    preset -> height and width, the custom backbone box, LoRA names with the weight slider, and the control
+    widgets (the keyframe textbox) -> one ControlSpec."""
+    page = dict(values)
     presets = resolutions(studio())
-    if resolution not in presets:
+    if page.get("resolution") not in presets:
         raise _error(f"Resolution must be one of {', '.join(presets)}.")
-    height, width = presets[resolution]
-    return Request(
-        faces=_paths(files),
-        prompt=prompt or "",
-        negative_prompt=negative_prompt or "",
-        add_prompt_suffix=bool(add_suffix),
-        backbone=backbone or "",
-        custom_backbone=custom_backbone or "",
-        seed=None if randomize else seed,
-        id_scale=id_scale,
-        num_frames=frames,
-        steps=steps,
-        guidance_scale=guidance,
-        fps=fps,
+    height, width = presets[page["resolution"]]
+    control = None
+    if page.get("control"):
+        images = _paths(page.get("control_images"))
+        frames = keyframe_indices(page.get("control_frames") or "", len(images), page.get("num_frames"))
+        keys = tuple(KeyFrame(image, frame) for image, frame in zip(images, frames, strict=True))
+        video = _paths([page["control_video"]])[0] if page.get("control_video") else None
+        control = ControlSpec(
+            page["control"], keys, video, page.get("control_strength", settings.CONTROL_STRENGTH.default)
+        )
+    weight = page.get("lora_weight", settings.LORA_WEIGHT.default)
+    fields = {name: value for name, value in page.items() if name in REQUEST_FIELDS}
+    fields.update(
+        prompt=page.get("prompt") or "",
+        seed=None if page.get("randomize_seed") else page.get("seed"),
         height=height,
         width=width,
-        fast=bool(fast),
-        free_init=bool(free_init),
-        loras=list(loras or []),
-        lora_weight=lora_weight,
-        control=control or "",
-        control_images=_paths(control_images),
-        control_frames=control_frames or "",
-        control_video=_paths([control_video])[0] if control_video else None,
-        control_strength=control_strength,
+        backbone=(page.get("custom_backbone") or "").strip() or page.get("backbone") or "",
+        loras=tuple(LoraSpec(name, weight) for name in page.get("loras") or ()),
+        control=control,
     )
+    return _paths(page.get("faces")), GenerationRequest(**fields)
 
 
-def show_control(*values):
+def keyframe_indices(text: str, count: int, num_frames) -> list[int]:
+    """The frame of each of ``count`` control images: from "0, 15" (in upload order), or spread evenly over
+    the video when the text is empty."""
+    text = settings.check_text("The control frames", text, 1000).strip()
+    if not text:
+        last = settings.FRAMES.check(num_frames) - 1
+        return [round(i * last / (count - 1)) for i in range(count)] if count > 1 else [0] * count
+    try:
+        frames = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"Control frames must be whole numbers separated by commas (got {text!r}).") from None
+    if len(frames) != count:
+        raise InvalidRequestError(f"Give one frame for each of the {count} control images (got {len(frames)}).")
+    return frames
+
+
+def show_control(**values):
     """The conditioning the control would feed the model, or a sentence saying what is wrong."""
     try:
-        images = studio().preview_control(_request(*values))
+        images = studio().preview_control(request_from_page(values)[1])
     except IDAnimatorError as exc:
         return [], f"- {html.escape(str(exc))}"
     return [(image, image.info.get("caption", "")) for image in images], ""
 
 
-def show_estimate(*values):
+def show_estimate(**values):
     """Before a run: how long it will take, from the speed of this server's last video."""
     try:
-        seconds = studio().estimate_seconds(_request(*values))
+        seconds = studio().estimate_seconds(request_from_page(values)[1])
     except (IDAnimatorError, gr.Error):
         return ""
     if seconds is None:
@@ -351,74 +357,30 @@ def show_estimate(*values):
 def fast_defaults(fast):
     """Fast mode's own steps and guidance, or the release's when it is turned off."""
     if fast:
-        return gr.update(value=FAST_STEPS), gr.update(value=FAST_GUIDANCE)
-    return gr.update(value=limits.STEPS.default), gr.update(value=limits.GUIDANCE.default)
+        return gr.update(value=settings.FAST_STEPS), gr.update(value=settings.FAST_GUIDANCE)
+    return gr.update(value=settings.STEPS.default), gr.update(value=settings.GUIDANCE.default)
 
 
-def generate(
-    files,
-    prompt,
-    negative_prompt,
-    add_suffix,
-    backbone,
-    custom_backbone,
-    seed,
-    randomize,
-    id_scale,
-    frames,
-    steps,
-    guidance,
-    fps,
-    resolution,
-    fast,
-    free_init,
-    loras,
-    lora_weight,
-    control,
-    control_images,
-    control_frames,
-    control_video,
-    control_strength,
-    history,
-    request: gr.Request,
-    progress=gr.Progress(),
-):
+def generate(history, request: gr.Request, progress=gr.Progress(), control_images=None, control_video=None, **values):
     """Stream progress, previews and video chunks; end with the full MP4, the seed used and the history.
 
-    Outputs: live stream, preview, result, seed text, seed box, history.
+    ``values``: the page's inputs by name (see build_demo's ``page_inputs``); the optional file inputs are named
+    here with a default, which tells gradio's API that a client may leave them out. Outputs: live stream,
+    preview, result, seed text, seed box, history.
     """
     skip = gr.update()
     history = list(history or [])
-    request = _request(
-        files,
-        prompt,
-        negative_prompt,
-        add_suffix,
-        backbone,
-        custom_backbone,
-        seed,
-        randomize,
-        id_scale,
-        frames,
-        steps,
-        guidance,
-        fps,
-        resolution,
-        fast,
-        free_init,
-        loras,
-        lora_weight,
-        control,
-        control_images,
-        control_frames,
-        control_video,
-        control_strength,
-    )
+    try:
+        faces, generation = request_from_page(
+            {**values, "control_images": control_images, "control_video": control_video}
+        )
+    except IDAnimatorError as exc:
+        raise _error(str(exc)) from None
     events = None
     try:
         progress(0, desc="Checking the photos and loading the model")
         try:
-            prepared = studio().prepare(request)
+            prepared = studio().prepare(faces, generation)
         except IDAnimatorError as exc:
             raise _error(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - logged; the user gets a sentence
@@ -440,8 +402,8 @@ def generate(
                 history = [*history, {"video": str(event.video), **event.settings}]
                 used = f"Seed used: **{event.seed}** ({event.seconds:.1f} s)"
                 yield skip, skip, str(event.video), used, event.seed, history
-            else:
-                raise _error(event[1])
+            elif isinstance(event, Failed):
+                raise _error(event.message)
     finally:  # Stop, or the browser going away: closing the GPU part stops it at its next step
         if events is not None:
             events.close()
@@ -493,8 +455,8 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
     if engine is not None:
         _studio = engine
     engine = studio()
-    caps = engine.options.serving_limits or limits.ServingLimits(
-        max_frames=limits.FRAMES.high, max_steps=limits.STEPS.high, max_work=float("inf"), jobs_per_visitor=0
+    caps = engine.options.serving_limits or settings.ServingLimits(
+        max_frames=settings.FRAMES.high, max_steps=settings.STEPS.high, max_work=float("inf"), jobs_per_visitor=0
     )  # an engine made without caps (tests, a library user's own page): the library's ranges, no visitor cap
     defaults = starting_values(engine)
     banner_markdown = banner_text(engine)
@@ -522,13 +484,14 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 prompt = gr.Textbox(
                     label="Prompt",
                     placeholder="a man playing guitar on a beach at sunset",
-                    max_length=limits.MAX_TEXT_CHARS,
+                    max_length=settings.MAX_TEXT_CHARS,
                     elem_id="prompt",
                 )
                 backbone = gr.Dropdown(
                     backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
                 )
                 custom_backbone = gr.Textbox(
+                    "",
                     label="Or a local backbone file/folder, or a Hub id (operator option)",
                     visible=engine.options.allow_custom_backbones,
                     elem_id="custom-backbone",
@@ -538,8 +501,8 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         label="Seed",
                         value=42,
                         precision=0,
-                        minimum=limits.SEED.low,
-                        maximum=limits.SEED.high,
+                        minimum=settings.SEED.low,
+                        maximum=settings.SEED.high,
                         elem_id="seed",
                     )
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
@@ -549,26 +512,26 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         value=DEFAULT_NEGATIVE_PROMPT,
                         lines=3,
                         max_lines=8,
-                        max_length=limits.MAX_TEXT_CHARS,
+                        max_length=settings.MAX_TEXT_CHARS,
                         elem_id="negative-prompt",
                     )
                     add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
                     id_scale = slider(
-                        limits.ID_SCALE,
+                        settings.ID_SCALE,
                         defaults["id_scale"],
                         "ID scale (higher: more like the photo; lower: follows the prompt)",
                         elem_id="id-scale",
                     )
-                    frames = slider(limits.FRAMES, defaults["num_frames"], elem_id="frames", maximum=caps.max_frames)
-                    steps = slider(limits.STEPS, defaults["steps"], elem_id="steps", maximum=caps.max_steps)
-                    guidance = slider(limits.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
-                    fps = slider(limits.FPS, defaults["fps"], elem_id="fps")
+                    frames = slider(settings.FRAMES, defaults["num_frames"], elem_id="frames", maximum=caps.max_frames)
+                    steps = slider(settings.STEPS, defaults["steps"], elem_id="steps", maximum=caps.max_steps)
+                    guidance = slider(settings.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
+                    fps = slider(settings.FPS, defaults["fps"], elem_id="fps")
                     resolution = gr.Radio(
                         list(resolutions(engine)), value=defaults["resolution"], label="Resolution (height x width)"
                     )
                 with gr.Accordion("Beyond the release: fast mode, FreeInit, style LoRAs", open=False, elem_id="more"):
                     with gr.Row():
-                        fast = gr.Checkbox(label=f"Fast mode (AnimateLCM, {FAST_STEPS} steps)", elem_id="fast")
+                        fast = gr.Checkbox(label=f"Fast mode (AnimateLCM, {settings.FAST_STEPS} steps)", elem_id="fast")
                         free_init = gr.Checkbox(label="FreeInit (steadier motion, 3x the time)", elem_id="free-init")
                     lora_names = list(engine.loras())
                     loras = gr.Dropdown(
@@ -580,7 +543,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         elem_id="loras",
                     )
                     lora_weight = slider(
-                        LORA_WEIGHT, 1.0, "LoRA weight", visible=bool(lora_names), elem_id="lora-weight"
+                        settings.LORA_WEIGHT, 1.0, "LoRA weight", visible=bool(lora_names), elem_id="lora-weight"
                     )
                 with gr.Accordion(
                     "Control: sketch or image keyframes, pose, depth, edges", open=False, elem_id="control"
@@ -593,6 +556,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         elem_id="control-images",
                     )
                     control_frames = gr.Textbox(
+                        "",
                         label="Their frames, in upload order (e.g. 0, 15; empty: spread over the video)",
                         elem_id="control-frames",
                     )
@@ -601,40 +565,41 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         file_types=["video", ".gif"],
                         elem_id="control-video",
                     )
-                    control_strength = slider(CONTROL_STRENGTH, 1.0, "Control strength", elem_id="control-strength")
+                    control_strength = slider(
+                        settings.CONTROL_STRENGTH, 1.0, "Control strength", elem_id="control-strength"
+                    )
                     control_preview = gr.Gallery(
                         label="What the control feeds the model", columns=4, height=170, elem_id="control-preview"
                     )
                     control_notes = gr.Markdown(elem_id="control-notes")
                 estimate = gr.Markdown(elem_id="estimate")
-                # The request's inputs, listed once: Generate sends them all, the examples fill the photos and
-                # the prompt (shown as a thumbnail of the photo and the prompt, just above Generate).
-                inputs = [
-                    files,
-                    prompt,
-                    negative,
-                    add_suffix,
-                    backbone,
-                    custom_backbone,
-                    seed,
-                    randomize,
-                    id_scale,
-                    frames,
-                    steps,
-                    guidance,
-                    fps,
-                    resolution,
-                    fast,
-                    free_init,
-                    loras,
-                    lora_weight,
-                    control,
-                    control_images,
-                    control_frames,
-                    control_video,
-                    control_strength,
-                    history,
-                ]
+                # The page's inputs, listed once, by name: Generate, the control preview and the time estimate
+                # receive them as keyword arguments, and API clients call /generate with these names.
+                page_inputs = dict(
+                    faces=files,
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    add_prompt_suffix=add_suffix,
+                    backbone=backbone,
+                    custom_backbone=custom_backbone,
+                    seed=seed,
+                    randomize_seed=randomize,
+                    id_scale=id_scale,
+                    num_frames=frames,
+                    steps=steps,
+                    guidance_scale=guidance,
+                    fps=fps,
+                    resolution=resolution,
+                    fast=fast,
+                    free_init=free_init,
+                    loras=loras,
+                    lora_weight=lora_weight,
+                    control=control,
+                    control_images=control_images,
+                    control_frames=control_frames,
+                    control_video=control_video,
+                    control_strength=control_strength,
+                )
                 examples = [  # public-domain / CC0 photos, see assets/README.md
                     ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
                     ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
@@ -646,7 +611,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     thumbnail = gr.Image(label="Photo", type="filepath", visible=False)  # the examples' first column
                     gr.Examples(
                         examples=examples,
-                        inputs=[thumbnail, *inputs[:2]],
+                        inputs=[thumbnail, files, prompt],
                         visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the file list is filled too)
                         label="Examples: click one, then Generate",
                         elem_id="examples",
@@ -691,8 +656,9 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         # stay as they were, and the "Error" badge gradio leaves on the preview is cleared at once.
         event = run.click(
             generate,
-            inputs,
+            [history],
             [live, preview, result, seed_used, seed, history],
+            inputs_kwargs=page_inputs,
             api_name="generate",
             show_progress_on=preview,
         )
@@ -702,12 +668,19 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         )
         stop.click(stopped, None, seed_used, cancels=[event], api_name="stop", queue=False)
         fast.change(fast_defaults, fast, [steps, guidance], queue=False, api_visibility="private")
-        request_inputs = inputs[:-1]  # all but the history
         for widget in (control, control_images, control_frames, control_video, frames, resolution):
-            widget.change(show_control, request_inputs, [control_preview, control_notes], api_visibility="private")
+            widget.change(
+                show_control,
+                None,
+                [control_preview, control_notes],
+                inputs_kwargs=page_inputs,
+                api_visibility="private",
+            )
         for widget in (frames, steps, guidance, resolution, fast, free_init):
-            widget.change(show_estimate, request_inputs, estimate, queue=False, api_visibility="private")
-        event.then(show_estimate, request_inputs, estimate, queue=False, show_progress="hidden")
+            widget.change(
+                show_estimate, None, estimate, inputs_kwargs=page_inputs, queue=False, api_visibility="private"
+            )
+        event.then(show_estimate, None, estimate, inputs_kwargs=page_inputs, queue=False, show_progress="hidden")
     demo.queue(default_concurrency_limit=1, max_size=caps.queue_size)
     if caps.jobs_per_visitor:
         limit_jobs_per_visitor(demo, "generate", caps.jobs_per_visitor)

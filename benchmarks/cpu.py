@@ -40,36 +40,25 @@ import platform
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+
+from common import PROMPT, face_photo, median, timed  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"serving_overhead_ratio": ("<=", 1.10), "warm_speedup": (">=", 5.0), "switch_vs_cold": ("<=", 0.5)}
 FIGURES = ["face_path_ratio", "serving_overhead_ratio", "warm_speedup", "switch_vs_cold", "peak_rss_mb"]
 BACKBONES = ["tiny", "tiny-single-file"]  # the tiny kit's: a diffusers folder, and the same weights as one file
-PROMPT = "a person smiling"
 FPS = 8
 TOOLS = ("ffmpeg", "ffprobe")  # on the PATH, the app streams the video while it is decoded
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def timed(function: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = function()
-    return time.perf_counter() - start, result
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def plan(mode: str) -> dict:
@@ -85,16 +74,6 @@ def plan(mode: str) -> dict:
     return {"request": request, "long_request": long_request, "repeats": 5, "processes": 4}
 
 
-def face_photo(folder: Path) -> Path:
-    """A real face photo (scikit-image's astronaut, public domain) as a PNG file, as a user uploads it."""
-    from PIL import Image
-    from skimage import data
-
-    path = folder / "astronaut.png"
-    Image.fromarray(data.astronaut()).save(path)
-    return path
-
-
 # -- a freshly started server: cold and warm requests, switches ------------------------------------
 
 
@@ -106,8 +85,9 @@ def fresh_process(first: str, photo: Path, output_dir: Path, request: dict, repe
     cold load of ``first`` (the model loading inside the first request), and with a reload into a fresh
     model service in this now-warm process (``reload_s``).
     """
+    from idanimator.request import GenerationRequest
     from idanimator.service import ModelService
-    from idanimator.studio import Finished, Request, Studio, StudioOptions
+    from idanimator.studio import Finished, Studio, StudioOptions
 
     second = next(name for name in BACKBONES if name != first)
     studio = Studio(StudioOptions(tiny=True, device="cpu", output_dir=output_dir))
@@ -122,7 +102,7 @@ def fresh_process(first: str, photo: Path, output_dir: Path, request: dict, repe
 
     def run() -> None:
         events = list(
-            studio.run(Request(faces=[str(photo)], prompt=PROMPT, backbone=first, seed=1, fps=FPS, **request))
+            studio.run([str(photo)], GenerationRequest(prompt=PROMPT, backbone=first, seed=1, fps=FPS, **request))
         )
         assert isinstance(events[-1], Finished)
 
@@ -166,7 +146,7 @@ def face_path(photo: Path, settings: dict, repeats: int, warm_up: bool) -> dict:
 
     from idanimator.models import release_scheduler
     from idanimator.pipeline import FaceFeatureCache, IDAnimatorPipeline
-    from idanimator.testing import build_tiny_kit, default_tiny_dir
+    from idanimator.tiny import build_tiny_kit, default_tiny_dir
 
     kit = build_tiny_kit(default_tiny_dir())
     ours = IDAnimatorPipeline.from_pretrained("tiny", tiny=True, device="cpu")
@@ -181,7 +161,7 @@ def face_path(photo: Path, settings: dict, repeats: int, warm_up: bool) -> dict:
 
     def run_ours():
         ours.face_cache = FaceFeatureCache()  # the image encoder runs, as for a new face
-        ours(crops, PROMPT, "", add_prompt_suffix=False, steps=settings["steps"], seed=0, **size)
+        ours(crops, PROMPT, negative_prompt="", add_prompt_suffix=False, steps=settings["steps"], seed=0, **size)
 
     def run_stock():
         generator = torch.Generator().manual_seed(0)
@@ -260,9 +240,6 @@ def _die_with_parent() -> None:
         pass
 
 
-NO_EXTRAS = (False, False, [], 1.0, "", [], "", None, 1.0)  # the page's options beyond the release, all off
-
-
 def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: dict, repeats: int, warm_up: bool):
     """The same request through each app over HTTP and as a bare library call, alternating."""
     from gradio_client import Client, handle_file
@@ -278,18 +255,17 @@ def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: d
         clients[name] = Client(app.url, verbose=False, download_files=str(folder / f"client-{name}"))
 
     def over_http(client, seed: int) -> None:
-        settings = (0.8, request["num_frames"], request["steps"], 8.0, FPS, resolution)
-        outputs = client.predict(
-            [handle_file(str(photo))],
-            PROMPT,
-            "",
-            True,
-            "tiny",
-            "",
-            seed,
-            False,
-            *settings,
-            *NO_EXTRAS,
+        outputs = client.predict(  # by parameter name, as the README shows API clients
+            faces=[handle_file(str(photo))],
+            prompt=PROMPT,
+            negative_prompt="",
+            backbone="tiny",
+            seed=seed,
+            randomize_seed=False,
+            num_frames=request["num_frames"],
+            steps=request["steps"],
+            fps=FPS,
+            resolution=resolution,
             api_name="/generate",
         )
         video, seed_used = outputs[2], outputs[4]
@@ -297,7 +273,7 @@ def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: d
 
     def in_library(seed: int) -> None:
         size = dict(num_frames=request["num_frames"], height=request["height"], width=request["width"])
-        result = library([str(photo)], PROMPT, "", steps=request["steps"], seed=seed, **size)
+        result = library([str(photo)], PROMPT, negative_prompt="", steps=request["steps"], seed=seed, **size)
         write_mp4(result.frames, folder / f"library-{seed}.mp4", fps=FPS)
 
     # The first request to an app also waits for its warm-up; the first library call loads the detector.
@@ -463,7 +439,7 @@ def main() -> None:
     if args.threads:  # before torch starts its thread pool, here and in every process started from here
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    from idanimator.testing import build_tiny_kit, default_tiny_dir
+    from idanimator.tiny import build_tiny_kit, default_tiny_dir
 
     build_tiny_kit(default_tiny_dir())  # once, before any timing (tiny mode builds it on first use)
     if args.fresh_process:

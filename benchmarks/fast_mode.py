@@ -38,20 +38,18 @@ def fast_vs_standard(photo: str | Path, *, frames: int = 16, size: int = 64, rep
     """Times of a standard and a fast request on the tiny kit (same photo, prompt and seed), their ratios, and what
     switching fast mode on and off costs."""
     from idanimator.extras import fast
-    from idanimator.extras.apply import Call
-    from idanimator.extras.spec import FAST_GUIDANCE, FAST_STEPS, Extras
     from idanimator.pipeline import IDAnimatorPipeline
-    from idanimator.settings import GUIDANCE, STEPS, GenerationSettings
-    from idanimator.testing.fast_kit import build_fast_kit
+    from idanimator.request import GenerationRequest
+    from idanimator.settings import FAST_GUIDANCE, FAST_STEPS, GUIDANCE, STEPS
+    from idanimator.tiny.fast_kit import build_fast_kit
 
-    pipe = IDAnimatorPipeline.from_pretrained(tiny=True, device="cpu")
-    pipe.fast_weights = build_fast_kit()["folder"]
+    pipe = IDAnimatorPipeline.from_pretrained(tiny=True, device="cpu", fast_weights=build_fast_kit()["folder"])
     pipe.pipe.set_progress_bar_config(disable=True)
     crops = pipe.prepare_faces([str(photo)])  # detection is not part of either side
     common = dict(num_frames=frames, height=size, width=size, seed=0)
     runs = {
         "standard": dict(steps=STEPS.default, guidance_scale=GUIDANCE.default),
-        "fast": dict(steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE, extras=Extras(fast=True)),
+        "fast": dict(steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE, fast=True),
         "same_steps": dict(steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE),
     }
     for options in runs.values():  # first calls pay one-off costs (fast mode: loading AnimateLCM, once)
@@ -62,11 +60,11 @@ def fast_vs_standard(photo: str | Path, *, frames: int = 16, size: int = 64, rep
             times[name].append(_timed(lambda o=options: pipe(crops, PROMPT, **common, **o)))
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    settings = GenerationSettings(prompt=PROMPT, steps=FAST_STEPS).validate()
+    request = GenerationRequest(prompt=PROMPT, steps=FAST_STEPS, fast=True).validate()
     unet = pipe.pipe.unet
 
     def switch():  # fast mode on and off around no denoising
-        with fast.applied(pipe, settings, Extras(fast=True), Call(pipe.pipe)):
+        with fast.fast_mode(pipe.pipe, request, pipe.fast_weights):
             pass
 
     switch_s = statistics.median(_timed(switch) for _ in range(max(repeats, 5)))

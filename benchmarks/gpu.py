@@ -180,9 +180,9 @@ def write_parts(spec: dict, folder: Path, backbone_dtype: torch.dtype) -> dict[s
 
     from idanimator.adapter import save_official_checkpoint, spatial_cross_attention_names
     from idanimator.models import release_scheduler
-    from idanimator.testing import random_face_adapter, tiny_kit_paths
-    from idanimator.testing.kit import _tiny_tokenizer  # byte-level; the text encoder keeps its real size
-    from idanimator.testing.single_file import export_single_file
+    from idanimator.tiny import random_face_adapter, tiny_kit_paths
+    from idanimator.tiny.kit import _tiny_tokenizer  # byte-level; the text encoder keeps its real size
+    from idanimator.tiny.single_file import export_single_file
 
     paths = tiny_kit_paths(folder)  # the kit's layout: base/, motion-adapter/, image-encoder/, animator.ckpt, ...
     torch.manual_seed(0)
@@ -362,9 +362,9 @@ def face_image():
 def one_video(model, clock: Clock, frames: int, size: int, steps: int) -> dict:
     """Denoise and decode one video; seconds in all, per step, and for the decode."""
     from idanimator.pipeline import FaceFeatureCache
-    from idanimator.settings import GenerationSettings
+    from idanimator.request import GenerationRequest
 
-    settings = GenerationSettings(prompt=PROMPT, num_frames=frames, steps=steps, height=size, width=size, seed=0)
+    settings = GenerationRequest(prompt=PROMPT, num_frames=frames, steps=steps, height=size, width=size, seed=0)
     model.face_cache = FaceFeatureCache()  # the image encoder runs, as for a new face
     marks: list[float] = []
     start = clock.now()

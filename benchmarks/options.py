@@ -25,16 +25,9 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-PROMPT = "a person smiling"
-
-
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+from common import PROMPT, face_photo, timed  # benchmarks/common.py
 
 
 def driving_video(folder: Path, frames: int) -> Path:
@@ -48,9 +41,10 @@ def driving_video(folder: Path, frames: int) -> Path:
 
 
 def option_costs(photo: Path, folder: Path, request: dict, repeats: int) -> dict:
-    from idanimator.extras.spec import FAST_GUIDANCE, FAST_STEPS, ControlSpec, Extras, KeyFrame, LoraSpec
     from idanimator.pipeline import IDAnimatorPipeline
-    from idanimator.testing.options import tiny_lora_folder
+    from idanimator.request import ControlSpec, KeyFrame, LoraSpec
+    from idanimator.settings import FAST_GUIDANCE, FAST_STEPS
+    from idanimator.tiny.load import tiny_lora_folder
 
     pipe = IDAnimatorPipeline.from_pretrained("tiny", tiny=True, device="cpu")
     pipe.pipe.set_progress_bar_config(disable=True)
@@ -59,25 +53,24 @@ def option_costs(photo: Path, folder: Path, request: dict, repeats: int) -> dict
     video = driving_video(folder, request["num_frames"])
     long_frames = 48 if request["num_frames"] > 2 else 34
     cases = {
-        "plain": ({}, Extras()),
-        "fast": ({"steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE}, Extras(fast=True)),
-        "free_init": ({}, Extras(free_init=True)),
-        "lora": ({}, Extras(loras=(LoraSpec(str(lora), 0.8),))),
-        "sparse_sketch": ({}, Extras(control=ControlSpec("sparse-sketch", (KeyFrame(str(photo), 0),)))),
-        "canny": ({}, Extras(control=ControlSpec("canny", video=str(video)))),
-        "long": ({"num_frames": long_frames}, Extras()),
+        "plain": {},
+        "fast": {"steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE, "fast": True},
+        "free_init": {"free_init": True},
+        "lora": {"loras": (LoraSpec(str(lora), 0.8),)},
+        "sparse_sketch": {"control": ControlSpec("sparse-sketch", (KeyFrame(str(photo), 0),))},
+        "canny": {"control": ControlSpec("canny", video=str(video))},
+        "long": {"num_frames": long_frames},
     }
 
-    def run(name: str) -> None:
-        changes, extras = cases[name]
-        pipe(crops, PROMPT, **{**request, **changes}, seed=0, extras=extras.validate(long_frames))
+    def run(name: str) -> None:  # each case: the request's fields it changes
+        pipe(crops, PROMPT, **{**request, **cases[name]}, seed=0)
 
     for name in cases:  # first calls pay one-off costs (loading AnimateLCM, the control models)
         run(name)
     times = {name: [] for name in cases}
     for _ in range(repeats):
         for name in cases:
-            times[name].append(_timed(lambda n=name: run(n)))
+            times[name].append(timed(lambda n=name: run(n))[0])
     s = {name: statistics.median(values) for name, values in times.items()}
     return {
         "fast_speedup": s["plain"] / s["fast"],
@@ -117,8 +110,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     request = {"num_frames": 16, "steps": 25, "height": 64, "width": 64}
     with tempfile.TemporaryDirectory(prefix="idanimator-options-") as tmp:
-        from cpu import face_photo
-
         costs = option_costs(face_photo(Path(tmp)), Path(tmp), request, 1 if args.quick else 3)
     print(json.dumps(costs, indent=2) if args.json else table(costs), file=sys.stdout)
 

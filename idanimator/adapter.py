@@ -308,9 +308,32 @@ def spatial_cross_attention_names(unet) -> list[str]:
 
     The release numbers processors down blocks, up blocks, then mid block, attn1 and attn2 alternating,
     and never counts motion modules. diffusers' UNetMotionModel lists processors in that same module
-    order, with motion-module processors interleaved: filtering them out gives index 2*j+1.
+    order, with motion-module processors interleaved: filtering them out gives index 2*j+1
+    (:func:`checkpoint_index`).
     """
     return [name for name in unet.attn_processors if "motion_modules" not in name and name.endswith("attn2.processor")]
+
+
+def checkpoint_index(j: int) -> int:
+    """The checkpoint's index of the ``j``-th spatial cross-attention (see :func:`spatial_cross_attention_names`)."""
+    return 2 * j + 1
+
+
+def face_adapter_layers(unet, weights: FaceAdapterWeights | None = None) -> dict[int, str]:
+    """The checkpoint's index (1, 3, 5, ...) of each spatial cross-attention processor of ``unet``, in order.
+
+    With ``weights``, also checks that they have exactly those layers (CheckpointError saying which differs).
+    """
+    layers = {checkpoint_index(j): name for j, name in enumerate(spatial_cross_attention_names(unet))}
+    if weights is not None and weights.cross_attention_indices != list(layers):
+        extra = sorted(set(weights.cross_attention_indices) - set(layers))
+        missing = sorted(set(layers) - set(weights.cross_attention_indices))
+        hint = f"it has layer {extra[0]}, this UNet has none" if extra else f"layer {missing[0]} is missing"
+        raise CheckpointError(
+            f"The face adapter does not fit this UNet ({len(layers)} cross-attention layers): {hint}. "
+            "Use an SD1.5 backbone with the SD1.5 face adapter."
+        )
+    return layers
 
 
 def _attention_module(unet, processor_name: str):
@@ -324,24 +347,9 @@ def install_face_adapter(unet, weights: FaceAdapterWeights, scale: float = 1.0) 
     """
     if getattr(unet, "_idanimator_face_adapter", False):
         raise CheckpointError("A face adapter is already installed on this UNet; load a fresh backbone first.")
-    names = spatial_cross_attention_names(unet)
-    indices = weights.cross_attention_indices
-    expected = [2 * j + 1 for j in range(len(names))]
-    if indices != expected:
-        extra = sorted(set(indices) - set(expected))
-        hint = (
-            f"it has layer {extra[0]}, this UNet has none"
-            if extra
-            else f"layer {sorted(set(expected) - set(indices))[0]} is missing"
-        )
-        raise CheckpointError(
-            f"The face adapter does not fit this UNet ({len(names)} cross-attention layers): {hint}. "
-            "Use an SD1.5 backbone with the SD1.5 face adapter."
-        )
     used = 0
     processors = {}
-    for j, name in enumerate(names):
-        index = 2 * j + 1
+    for index, name in face_adapter_layers(unet, weights).items():
         attn = _attention_module(unet, name)
         used += _fuse_lora(attn, weights.face_adapter, index)
         k_face = weights.face_adapter[f"{index}.to_k_face.weight"]

@@ -48,3 +48,8 @@ class UnreadableVideoError(IDAnimatorError):
 
 class VideoTooLargeError(UnreadableVideoError):
     """A video's frames are larger, or it has more of them, than the reader's limits allow (settings)."""
+
+
+class ModelUnavailableError(IDAnimatorError):
+    """A metric's model cannot be loaded (not installed, not on disk, or broken): eval reports that metric as
+    null and goes on with the others."""

@@ -22,14 +22,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import DetectorUnavailableError, FaceTooSmallError, NoFaceError
-from .images import MIN_IMAGE_SIDE, ImageSource, _fit_array, _fit_image, describe_source, read_image
+from .images import CLIP_SIZE, MIN_IMAGE_SIDE, ImageSource, _fit_array, _fit_image, describe_source, read_image
 
 DETECT_MAX_SIDE = 2048  # huge photos are scaled down before detection: faster, and no detector needs more
 # Shorter side of the face box, in the photo's own pixels: at least half the 112 px ArcFace template, below
 # which a face is blown up so much that too little detail is left for the identity.
 MIN_FACE_SIZE = 56
 ALIGNED_SIZE = 112  # the ArcFace template's size, as in the release
-CLIP_SIZE = 224  # what the CLIP image encoder sees
 PAD_COLOUR = 127
 
 DETECTOR_NAMES = ("auto", "insightface", "retinaface")

@@ -1,4 +1,5 @@
-"""Reading reference photos: any reasonable path, bytes, file object, PIL image or array as upright 8-bit RGB.
+"""Reading reference photos: any reasonable path, bytes, file object, PIL image or array as upright 8-bit RGB;
+and the project's one cover-and-centre-crop, CLIP's input size and its image processor.
 
 Every way a photo can be unusable (not an image, damaged, too large to decode safely, too small) becomes an
 :class:`~idanimator.errors.InvalidImageError` whose message names the photo by its file's base name only.
@@ -187,6 +188,16 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
 # -- resizing (shared with face detection) ----------------------------------------------------------
 
 
+def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """RGB, scaled (bicubic) to cover width x height, then centre-cropped to it: the subject keeps its
+    proportions. The one cover-and-crop of the project (control conditions, training frames)."""
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def _fit_image(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
     """Scale down (never up) so the long side is at most ``max_side``; return the image and the scale used."""
     scale = min(1.0, max_side / max(image.size))
@@ -206,3 +217,18 @@ def _fit_array(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
         return rgb, 1.0
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), size[0] / width
+
+
+# -- the CLIP image encoder's input -------------------------------------------------------------------------
+
+CLIP_SIZE = 224  # the side of the square the CLIP image encoder sees
+
+
+def clip_image_processor(folder: str | os.PathLike | None = None):
+    """transformers' CLIPImageProcessor, from ``folder`` or with its defaults: the PIL implementation where
+    transformers has one (the default one wants torchvision, which we keep out)."""
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+    return CLIPImageProcessor.from_pretrained(folder) if folder is not None else CLIPImageProcessor()

@@ -18,6 +18,7 @@ from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMot
 from . import registry
 from .adapter import FaceAdapterWeights, install_face_adapter, load_face_adapter_weights
 from .errors import WeightsUnavailableError
+from .images import clip_image_processor
 from .registry import SINGLE_FILE_SUFFIXES
 from .settings import OFFLOAD_MODES
 from .weights import resolve
@@ -192,20 +193,19 @@ def motion_unet_from_parts(unet2d: torch.nn.Module, motion_adapter: MotionAdapte
     return unet
 
 
-def build_motion_unet(parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights) -> UNetMotionModel:
-    """SD1.5 UNet + AnimateDiff motion modules (per-frame norms) + the face adapter, in float32 on the CPU."""
+def build_motion_unet(
+    parts: BackboneParts, motion_adapter: MotionAdapter, face: FaceAdapterWeights | None
+) -> UNetMotionModel:
+    """SD1.5 UNet + AnimateDiff motion modules (per-frame norms) + the face adapter, in float32 on the CPU.
+    ``face`` None: no face adapter (training attaches its own, trainable one)."""
     unet = motion_unet_from_parts(parts.unet, motion_adapter)
     use_per_frame_motion_norms(unet)
-    install_face_adapter(unet, face)
+    if face is not None:
+        install_face_adapter(unet, face)
     return unet
 
 
 def assemble_pipeline(parts: BackboneParts, unet: UNetMotionModel, image_encoder) -> AnimateDiffPipeline:
-    try:  # the PIL implementation; the default one wants torchvision, which we keep out
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
-
     pipe = AnimateDiffPipeline(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
@@ -213,7 +213,7 @@ def assemble_pipeline(parts: BackboneParts, unet: UNetMotionModel, image_encoder
         unet=unet,
         motion_adapter=None,  # already merged into `unet`; keeping it would hold a second copy
         scheduler=release_scheduler(),
-        feature_extractor=CLIPImageProcessor(),
+        feature_extractor=clip_image_processor(),
         image_encoder=image_encoder,
     )
     pipe.set_progress_bar_config(desc="denoising", leave=True)
@@ -286,7 +286,7 @@ class LoadOptions:
 class SharedParts:
     """What every backbone shares: loaded once, reused by each pipeline built on them."""
 
-    face: FaceAdapterWeights
+    face: FaceAdapterWeights | None  # None when loaded without it (training brings its own)
     motion_adapter: MotionAdapter
     image_encoder: torch.nn.Module
     options: LoadOptions
@@ -298,13 +298,14 @@ class SharedParts:
         return self.base_path
 
 
-def load_shared_parts(options: LoadOptions) -> SharedParts:
-    """Resolve (download if needed) and load the face adapter, motion adapter and image encoder."""
-    face = resolve(options.face_adapter or registry.FACE_ADAPTER, what="face adapter")
+def load_shared_parts(options: LoadOptions, *, face_adapter: bool = True) -> SharedParts:
+    """Resolve (download if needed) and load the face adapter, motion adapter and image encoder
+    (``face_adapter=False``: not the face adapter)."""
+    face = resolve(options.face_adapter or registry.FACE_ADAPTER, what="face adapter") if face_adapter else None
     motion = resolve(options.motion_adapter or registry.MOTION_ADAPTER, what="motion adapter")
     encoder = resolve(options.image_encoder or registry.IMAGE_ENCODER, what="image encoder")
     return SharedParts(
-        face=load_face_adapter_weights(face),
+        face=load_face_adapter_weights(face) if face is not None else None,
         motion_adapter=load_motion_adapter(motion),
         image_encoder=load_image_encoder(encoder),
         options=options,
@@ -320,11 +321,17 @@ def resolve_backbone(options: LoadOptions, backbone: str | Path | None) -> Path:
     return resolve(backbone, what="backbone", allow_hub_ids=options.allow_hub_ids)
 
 
-def build_animatediff(shared: SharedParts, backbone: str | Path | None = None) -> AnimateDiffPipeline:
-    """A placed AnimateDiffPipeline for ``backbone`` on the shared parts: motion UNet with the face adapter."""
+def load_named_backbone(shared: SharedParts, backbone: str | Path | None = None) -> BackboneParts:
+    """``backbone`` (see :func:`resolve_backbone`) loaded, with the parts its folder lacks (or a single file's
+    configuration) from the SD1.5 base, which is resolved only then."""
     path = resolve_backbone(shared.options, backbone)
     complete = path.is_dir() and all((path / s).is_dir() for s in ("vae", "text_encoder", "tokenizer"))
-    parts = load_backbone(path, None if complete else shared.base())
+    return load_backbone(path, None if complete else shared.base())
+
+
+def build_animatediff(shared: SharedParts, backbone: str | Path | None = None) -> AnimateDiffPipeline:
+    """A placed AnimateDiffPipeline for ``backbone`` on the shared parts: motion UNet with the face adapter."""
+    parts = load_named_backbone(shared, backbone)
     pipe = assemble_pipeline(parts, build_motion_unet(parts, shared.motion_adapter, shared.face), shared.image_encoder)
     o = shared.options
     place_pipeline(pipe, o.device, o.dtype, o.offload)

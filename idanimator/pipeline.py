@@ -13,18 +13,23 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import GenerationCancelled, InvalidRequestError
-from .extras.apply import Call
-from .extras.apply import applied as applied_extras
-from .extras.spec import Extras
-from .prompts import DEFAULT_NEGATIVE_PROMPT, NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, exceeds_tokens
-from .settings import FRAMES, GUIDANCE, HEIGHT, ID_SCALE, STEPS, WIDTH, GenerationSettings, draw_seed
+from .extras.control import structure_control
+from .extras.control_models import ControlModels
+from .extras.fast import AnimateLCMWeights, fast_mode
+from .extras.freeinit import free_init
+from .extras.longvideo import long_video
+from .extras.loras import style_loras
+from .prompts import NEGATIVE_PROMPT_SUFFIX, PROMPT_SUFFIX, exceeds_tokens
+from .request import GenerationRequest
+from .settings import draw_seed
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, latents)
 
@@ -33,7 +38,7 @@ StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total st
 class GenerationResult:
     frames: np.ndarray | None  # [frames, height, width, 3] float32 in [0, 1]
     seed: int
-    settings: GenerationSettings
+    request: GenerationRequest  # validated, with the seed that was drawn
     faces: list = field(default_factory=list)  # the FaceCrop of each photo (what the model saw)
     warnings: list[str] = field(default_factory=list)
     latents: torch.Tensor | None = None  # [1, 4, frames, h/8, w/8], from denoise() before decoding
@@ -69,13 +74,25 @@ class IDAnimatorPipeline:
     underlying diffusers pipeline.
     """
 
-    def __init__(self, pipe, *, dtype: torch.dtype, detector=None, face_cache: FaceFeatureCache | None = None):
+    def __init__(
+        self,
+        pipe,
+        *,
+        dtype: torch.dtype,
+        detector=None,
+        face_cache: FaceFeatureCache | None = None,
+        control_models: ControlModels | None = None,
+        fast_weights: AnimateLCMWeights | None = None,
+    ):
+        """``pipe``: the AnimateDiff pipeline with the face adapter (models.build_animatediff). The options'
+        models come from ``control_models`` and ``fast_weights`` (a service shares its own between pipelines;
+        by default the registry's, loaded on first use)."""
         self.pipe = pipe
         self.dtype = dtype
         self._detector = detector
         self.face_cache = face_cache if face_cache is not None else FaceFeatureCache()
-        self.control_models = None  # where structure control's models come from (None: the registry's)
-        self.fast_weights = None  # the fast mode's AnimateLCM: a folder (or a function building it), None: registry's
+        self.control_models = control_models if control_models is not None else ControlModels()
+        self.fast_weights = fast_weights if fast_weights is not None else AnimateLCMWeights()
 
     @classmethod
     def from_pretrained(
@@ -91,26 +108,31 @@ class IDAnimatorPipeline:
         offload: str = "none",
         tiny: bool = False,
         detector=None,
+        fast_weights: str | Path | None = None,
+        control_models: dict[str, str | Path] | None = None,
     ) -> IDAnimatorPipeline:
         """Load every part (registry names, Hub ids or local paths; the release's by default).
 
         ``backbone``: a registry name (default: the release's Realistic Vision V6.0 B1), Hub id or local
         folder/file. ``tiny=True`` takes every part not given from the tiny random kit (built on first use).
+        ``fast_weights``: a local AnimateLCM folder; ``control_models``: control kind -> its model's folder or Hub
+        id (others: the registry's, or tiny mode's).
         """
-        from .models import LoadOptions, build_animatediff, load_shared_parts
+        from .models import build_animatediff, load_shared_parts
+        from .tiny import load_options
 
         parts = dict(face_adapter=face_adapter, motion_adapter=motion_adapter, image_encoder=image_encoder, base=base)
-        if tiny:
-            from .testing import tiny_load_options
-
-            options = tiny_load_options(device=device, dtype=dtype, offload=offload, **parts)
-        else:
-            options = LoadOptions.for_device(device, dtype, offload=offload, **parts)
+        options = load_options(tiny=tiny, device=device, dtype=dtype, offload=offload, **parts)
         pipe = build_animatediff(load_shared_parts(options), backbone)
-        pipeline = cls(pipe, dtype=options.dtype, detector=detector)
-        pipeline.control_models = options.control_models  # None: the registry's (extras.control_models)
-        pipeline.fast_weights = options.fast_weights  # None: the registry's AnimateLCM (extras.fast)
-        return pipeline
+        control = options.control_models or ControlModels()
+        control.sources.update(control_models or {})
+        return cls(
+            pipe,
+            dtype=options.dtype,
+            detector=detector,
+            control_models=control,
+            fast_weights=AnimateLCMWeights(fast_weights if fast_weights is not None else options.fast_weights),
+        )
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -121,12 +143,6 @@ class IDAnimatorPipeline:
 
             self._detector = get_detector("auto")
         return self._detector
-
-    def check_inputs(self, faces: Sequence, settings: GenerationSettings) -> GenerationSettings:
-        """The validated settings; every bad value raises InvalidRequestError naming it and its range."""
-        if not faces:
-            raise InvalidRequestError("Add at least one photo of a face.")
-        return settings.validate()
 
     def prepare_faces(self, images: Sequence) -> list:
         """Detect, choose and align the face in each photo (what the model will see); FaceCrops pass through."""
@@ -154,100 +170,94 @@ class IDAnimatorPipeline:
     def __call__(
         self,
         faces: Sequence | object,
-        prompt: str,
-        negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+        prompt: str | None = None,
         *,
-        num_frames: int = FRAMES.default,
-        steps: int = STEPS.default,
-        guidance_scale: float = GUIDANCE.default,
-        id_scale: float = ID_SCALE.default,
-        seed: int | None = None,
-        height: int = HEIGHT.default,
-        width: int = WIDTH.default,
-        add_prompt_suffix: bool = True,
-        extras: Extras | None = None,
+        request: GenerationRequest | None = None,
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        **settings,
     ) -> GenerationResult:
         """Make one video.
 
         ``faces``: one or more photos (paths, PIL images, arrays) or prepared FaceCrops; several photos of
-        one person are mixed. ``seed`` None draws one (reported in the result). ``callback(step, total,
-        latents)`` runs after every step; ``should_stop()`` is asked before every step and ends the run with
-        GenerationCancelled. ``extras``: options beyond the release (:mod:`idanimator.extras`).
+        one person are mixed. The rest is a :class:`~idanimator.request.GenerationRequest`, given whole as
+        ``request`` or by its fields (``prompt``, ``num_frames=``, ``seed=``, ``fast=``, ...; a seed of None
+        draws one, reported in the result). ``callback(step, total, latents)`` runs after every step;
+        ``should_stop()`` is asked before every step and ends the run with GenerationCancelled.
         """
+        if request is None:
+            try:
+                request = GenerationRequest(prompt=prompt, **settings)
+            except TypeError as exc:  # an argument that is no setting
+                raise InvalidRequestError(f"Unknown setting: {exc}.") from None
+        elif prompt is not None or settings:
+            raise InvalidRequestError("Give the settings either as a request or by name, not both.")
         faces = list(faces) if isinstance(faces, (list, tuple)) else [faces]
-        settings = GenerationSettings(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_frames=num_frames,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            id_scale=id_scale,
-            seed=seed,
-            height=height,
-            width=width,
-            add_prompt_suffix=add_prompt_suffix,
-        )
-        settings = self.check_inputs(faces, settings)
-        extras = (extras or Extras()).validate(settings.num_frames)
+        request = request.validate()
         crops = self.prepare_faces(faces)
-        result = self.denoise(crops, settings, extras=extras, callback=callback, should_stop=should_stop)
+        result = self.denoise(crops, request, callback=callback, should_stop=should_stop)
         result.frames, result.latents = self.decode(result.latents), None
         return result
 
     def denoise(
         self,
         crops: Sequence,
-        settings: GenerationSettings,
+        request: GenerationRequest,
         *,
-        extras: Extras | None = None,
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """The denoising loop only, from aligned crops and validated settings; the result holds ``latents``
-        (decode them with :meth:`decode`, all at once or a few frames at a time)."""
+        """The denoising loop only, from aligned crops and a request (validated here if it was not yet); the
+        result holds ``latents`` (decode them with :meth:`decode`, all at once or a few frames at a time)."""
+        request = request.validate()  # the request itself when the caller validated it
         if should_stop is not None and should_stop():  # stopped while waiting in a queue
             raise GenerationCancelled("Generation was stopped.")
         warnings = [w for crop in crops for w in getattr(crop, "warnings", [])]
-        prompt, negative = self._final_prompts(settings, warnings)
-        seed = draw_seed() if settings.seed is None else settings.seed
+        prompt, negative = self._final_prompts(request, warnings)
+        seed = draw_seed() if request.seed is None else request.seed
         device = self.pipe._execution_device
         embeds = self.encode_faces(crops)
-        if settings.guidance_scale <= 1.0:
+        if request.guidance_scale <= 1.0:
             embeds = embeds[1:]  # no classifier-free guidance: the conditional half only
-        self.pipe.set_ip_adapter_scale(settings.id_scale)
+        self.pipe.set_ip_adapter_scale(request.id_scale)
 
         def on_step_end(pipe, step, timestep, tensors):
             if should_stop is not None and should_stop():
                 raise GenerationCancelled("Generation was stopped.")
             if callback is not None:
-                callback(step, settings.steps, tensors["latents"])
+                callback(step, request.steps, tensors["latents"])
             return tensors
 
-        call = Call(
-            self.pipe,
-            dict(
-                prompt=prompt,
-                negative_prompt=negative or None,
-                num_frames=settings.num_frames,
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                generator=torch.Generator(device=device).manual_seed(seed),
-                ip_adapter_image_embeds=[embeds.to(device=device, dtype=self.dtype)],
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-            ),
+        arguments = dict(
+            prompt=prompt,
+            negative_prompt=negative or None,
+            num_frames=request.num_frames,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            ip_adapter_image_embeds=[embeds.to(device=device, dtype=self.dtype)],
+            output_type="latent",
+            callback_on_step_end=on_step_end,
         )
         try:
-            with applied_extras(self, settings, extras or Extras(), call):
-                output = call()
+            # The options beyond the release, put on in this order for this call and taken off after, error or
+            # not, so the cached pipeline is the same for the next request (idanimator.extras, one module each).
+            with ExitStack() as options:
+                options.enter_context(fast_mode(self.pipe, request, self.fast_weights))
+                pipe, arguments = options.enter_context(
+                    structure_control(self.pipe, request, self.control_models, arguments)
+                )  # the control's own pipeline on the same modules, or the AnimateDiff one itself
+                options.enter_context(style_loras(self.pipe, request.loras))
+                arguments = options.enter_context(free_init(pipe, request, arguments))
+                options.enter_context(long_video(pipe, request.num_frames))
+                output = pipe(**arguments)
         finally:
             self.pipe.maybe_free_model_hooks()
+        used = replace(request, seed=seed)  # still valid: a drawn seed is in range
         return GenerationResult(
-            frames=None, latents=output.frames, seed=seed, settings=settings, faces=list(crops), warnings=warnings
+            frames=None, latents=output.frames, seed=seed, request=used, faces=list(crops), warnings=warnings
         )
 
     @torch.no_grad()
@@ -260,10 +270,10 @@ class IDAnimatorPipeline:
             self.pipe.maybe_free_model_hooks()
         return np.asarray(frames[0], dtype=np.float32)
 
-    def _final_prompts(self, settings: GenerationSettings, warnings: list[str]) -> tuple[str, str]:
-        prompt = settings.prompt + (PROMPT_SUFFIX if settings.add_prompt_suffix else "")
-        negative = settings.negative_prompt or ""
-        if settings.add_prompt_suffix:
+    def _final_prompts(self, request: GenerationRequest, warnings: list[str]) -> tuple[str, str]:
+        prompt = request.prompt + (PROMPT_SUFFIX if request.add_prompt_suffix else "")
+        negative = request.negative_prompt or ""
+        if request.add_prompt_suffix:
             negative = (negative + NEGATIVE_PROMPT_SUFFIX).strip()
         if exceeds_tokens(prompt, self.pipe.tokenizer):  # the release's own negative prompt is longer: no warning
             warnings.append("The prompt is longer than the text encoder's 77 tokens; the end is left out.")

@@ -130,6 +130,18 @@ BACKBONES: dict[str, Backbone] = {
     ),
 }
 
+# Each structure control's model, by kind (a diffusers folder: config and weights only).
+_CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+CONTROL_MODELS: dict[str, Source] = {
+    # SparseCtrl for AnimateDiff v3, converted to diffusers by its authors (about 2 GB each in fp32).
+    "sparse-sketch": HubFolder("guoyww/animatediff-sparsectrl-scribble", allow_patterns=_CONTROLNET_FILES),
+    "sparse-rgb": HubFolder("guoyww/animatediff-sparsectrl-rgb", allow_patterns=_CONTROLNET_FILES),
+    # SD1.5 ControlNet 1.1 (about 1.45 GB each in fp32).
+    "openpose": HubFolder("lllyasviel/control_v11p_sd15_openpose", allow_patterns=_CONTROLNET_FILES),
+    "depth": HubFolder("lllyasviel/control_v11f1p_sd15_depth", allow_patterns=_CONTROLNET_FILES),
+    "canny": HubFolder("lllyasviel/control_v11p_sd15_canny", allow_patterns=_CONTROLNET_FILES),
+}
+
 # The fast mode (AnimateLCM): a diffusers MotionAdapter in the repository's root and its spatial LCM LoRA beside it.
 ANIMATELCM_LORA = "AnimateLCM_sd15_t2v_lora.safetensors"
 ANIMATELCM = HubFolder(

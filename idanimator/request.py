@@ -17,8 +17,6 @@ from .errors import InvalidRequestError
 from .prompts import DEFAULT_NEGATIVE_PROMPT, clean_text
 from .settings import (
     CONTROL_STRENGTH,
-    FAST_GUIDANCE,
-    FAST_STEPS,
     FPS,
     FRAMES,
     GUIDANCE,
@@ -34,18 +32,6 @@ from .settings import (
 SPARSE_KINDS = ("sparse-sketch", "sparse-rgb")  # SparseCtrl: keyframe images at chosen frames
 VIDEO_KINDS = ("openpose", "depth", "canny")  # ControlNet: one condition frame per video frame
 CONTROL_KINDS = SPARSE_KINDS + VIDEO_KINDS
-
-__all__ = [
-    "CONTROL_KINDS",
-    "FAST_GUIDANCE",
-    "FAST_STEPS",
-    "SPARSE_KINDS",
-    "VIDEO_KINDS",
-    "ControlSpec",
-    "GenerationRequest",
-    "KeyFrame",
-    "LoraSpec",
-]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 
 from .errors import GPUOutOfMemoryError, InvalidRequestError
 from .extras.control_models import ControlModels
+from .extras.fast import AnimateLCMWeights
 from .models import LoadOptions, SharedParts, build_animatediff, load_shared_parts, resolve_backbone
 from .pipeline import FaceFeatureCache, IDAnimatorPipeline
 
@@ -55,8 +56,8 @@ def free_gpu_memory(device: str) -> int | None:
 def release_memory(collect: bool = True) -> None:
     """Give cached GPU memory back (after an out-of-memory error, a stop or a backbone switch).
 
-    ``collect=False`` skips the garbage collector (a full pass over every object of the process, about half a
-    second in the app) when the caller knows nothing it dropped is held in a reference cycle.
+    ``collect=False`` skips the garbage collector (a full pass over every object of the process; its cost in
+    the app is in benchmarks/RESULTS.md) when the caller knows nothing it dropped is held in a reference cycle.
     """
     if collect:
         gc.collect()
@@ -96,8 +97,10 @@ class ModelService:
         self._backbone: str | None = None
         self._pipeline: IDAnimatorPipeline | None = None
         self._lock = threading.RLock()
-        # The control models, one per kind, kept across requests and backbone switches (dropped on out-of-memory).
+        # The options' models, kept across requests and backbone switches (dropped on out-of-memory): the control
+        # models, one per kind, and the fast mode's AnimateLCM. Every pipeline built here is given these two.
         self.control_models = options.control_models or ControlModels()
+        self.fast_weights = AnimateLCMWeights(options.fast_weights)
 
     # -- what callers ask for -------------------------------------------------------------------
 
@@ -110,15 +113,15 @@ class ModelService:
                 self._detector = get_detector("auto")
             return self._detector
 
-    def check_backbone(self, name: str, custom: str = "", allow_custom: bool = False) -> str:
+    def check_backbone(self, name: str, allow_custom: bool = False) -> str:
         """What to load for a request: a backbone offered by name, or (operators only) a path or Hub id."""
-        if custom and custom.strip():
-            if not allow_custom:
-                raise InvalidRequestError("Custom backbones are switched off on this server; pick one from the list.")
-            return custom.strip()
-        if name not in self.options.backbone_names():
-            raise InvalidRequestError(f"Unknown backbone {name!r}; pick one from the list.")
-        return name
+        if name in self.options.backbone_names():
+            return name
+        if allow_custom:
+            return name
+        if "/" in name or "\\" in name:  # a path or a Hub id
+            raise InvalidRequestError("Custom backbones are switched off on this server; pick one from the list.")
+        raise InvalidRequestError(f"Unknown backbone {name!r}; pick one from the list.")
 
     def fetch_backbone(self, backbone: str) -> Path:
         """Make sure a backbone's files are on disk (downloading them) without loading it."""
@@ -136,10 +139,13 @@ class ModelService:
             pipe = build_animatediff(self._shared_parts(), backbone)
             self.loads["backbone"] += 1
             self._pipeline = IDAnimatorPipeline(
-                pipe, dtype=self.options.dtype, detector=self.detector(), face_cache=self.face_cache
+                pipe,
+                dtype=self.options.dtype,
+                detector=self.detector(),
+                face_cache=self.face_cache,
+                control_models=self.control_models,
+                fast_weights=self.fast_weights,
             )
-            self._pipeline.control_models = self.control_models
-            self._pipeline.fast_weights = self.options.fast_weights
             self._backbone = backbone
             return self._pipeline
 
@@ -154,7 +160,7 @@ class ModelService:
             self._pipeline = None
             self._backbone = None
             # Usually nothing holds the models any more; offload hooks (and errors' tracebacks) make cycles that
-            # only the collector frees. Collect only then: it costs half a second on every backbone switch.
+            # only the collector frees. Collect only then: it costs time on every backbone switch (RESULTS.md).
             release_memory(collect=any(model() is not None for model in models))
 
     def guard(self):
@@ -162,10 +168,8 @@ class ModelService:
         return out_of_memory_guard(self._free_everything)
 
     def _free_everything(self) -> None:
-        from .extras.fast import forget_fast_weights
-
         self.control_models.clear()
-        forget_fast_weights()
+        self.fast_weights.clear()
         self.clear()
 
     # -- inside ---------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InvalidRequestError
-from .prompts import DEFAULT_NEGATIVE_PROMPT, clean_text
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,12 @@ HEIGHT = Limit("Height", 64, 1024, 512, step=8)  # latents are 1/8 of the image
 WIDTH = Limit("Width", 64, 1024, 512, step=8)
 FPS = Limit("Frames per second", 1, 60, 9)  # the release exports at 9 fps
 SEED = Limit("Seed", 0, MAX_SEED, None)  # None: draw one (and report it)
+# Beyond the release (idanimator.extras):
+LORA_WEIGHT = Limit("A LoRA's weight", -2.0, 2.0, 1.0, step=0.05, whole=False)
+CONTROL_STRENGTH = Limit("The control strength", 0.0, 2.0, 1.0, step=0.05, whole=False)
+# The fast mode's own defaults (AnimateLCM: 4-8 LCM steps, guidance 1-2), used where a request sets none.
+FAST_STEPS = 6
+FAST_GUIDANCE = 1.5
 
 # Text a request may carry, in characters, checked before anything reads it (cleaning, tokenising): CLIP sees
 # 77 tokens, so even a long prompt is a few hundred characters; a megabyte of text is an attack, not a prompt.
@@ -109,6 +114,7 @@ class ServingLimits:
                 f"{self.max_work:g} times: use fewer frames or steps, a smaller size, or no FreeInit."
             )  # where the models live between uses (see models.place_pipeline)
 
+
 # Sizes a CPU renders in seconds with the tiny random kit (tiny mode's starting values).
 TINY_DEFAULTS = {"num_frames": 8, "steps": 4, "height": 64, "width": 64}
 
@@ -139,49 +145,6 @@ def check_text(label: str, text, limit: int = MAX_TEXT_CHARS) -> str:
 def draw_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
-
-@dataclass
-class GenerationSettings:
-    """Everything that decides a video besides the faces; validated once, at the boundary."""
-
-    prompt: str
-    negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT
-    num_frames: int = FRAMES.default
-    steps: int = STEPS.default
-    guidance_scale: float = GUIDANCE.default
-    id_scale: float = ID_SCALE.default
-    seed: int | None = None  # None (or -1, ""): draw one and report it
-    height: int = HEIGHT.default
-    width: int = WIDTH.default
-    add_prompt_suffix: bool = True
-
-    @classmethod
-    def taken_from(cls, source) -> GenerationSettings:
-        """The settings named like this class's fields, read from any object (a request, parsed arguments);
-        fields it lacks keep their defaults. Not validated yet."""
-        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
-
-    def validate(self) -> GenerationSettings:
-        """Return a checked copy; a bad value raises InvalidRequestError naming it and its range."""
-        prompt = clean_text(check_text("The prompt", self.prompt))
-        if not prompt:
-            raise InvalidRequestError("The prompt is empty: describe what the person should be doing.")
-        return replace(
-            self,
-            prompt=prompt,
-            negative_prompt=clean_text(check_text("The negative prompt", self.negative_prompt)),
-            num_frames=FRAMES.check(self.num_frames),
-            steps=STEPS.check(self.steps),
-            guidance_scale=GUIDANCE.check(self.guidance_scale),
-            id_scale=ID_SCALE.check(self.id_scale),
-            seed=parse_seed(self.seed),
-            height=HEIGHT.check(self.height),
-            width=WIDTH.check(self.width),
-            add_prompt_suffix=bool(self.add_prompt_suffix),
-        )
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 # -- Reading videos (idanimator.video) -----------------------------------------------------------------------
 # Both are checked from the file's header before any frame is decoded. A frame may have at most this many

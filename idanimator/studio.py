@@ -22,20 +22,18 @@ import torch
 
 from . import settings as limits
 from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
-from .extras.spec import Extras
-from .models import LoadOptions
-from .options import extras_for, lora_files
+from .extras.longvideo import work_units
 from .outputs import OutputFolder, own_folder
 from .preview import preview_strip, tile_images
-from .prompts import DEFAULT_NEGATIVE_PROMPT
+from .request import GenerationRequest
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
-from .settings import GenerationSettings
+from .tiny import load_options
 from .video import Mp4Writer, write_mp4
 
 log = logging.getLogger(__name__)
 
 # Frames per streamed chunk: 1 s of video at 8 fps. The page starts playing after the first one; each costs
-# gradio an ffprobe and an ffmpeg mux (about 0.25 s on 2 cores), so 4-frame chunks cost 1 s a video.
+# gradio an ffprobe and an ffmpeg mux, so fewer, longer chunks cost less (measured: benchmarks/RESULTS.md).
 SEGMENT_FRAMES = 8
 
 
@@ -92,62 +90,26 @@ class StudioOptions:
 
 
 @dataclass
-class Request:
-    """One generation request as the page (or the API) sends it; nothing here is trusted yet."""
-
-    faces: list  # paths (or images) of the reference photos
-    prompt: str
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    add_prompt_suffix: bool = True
-    backbone: str = ""  # a name the studio offers ("" : the default)
-    custom_backbone: str = ""  # a local path or Hub id; honoured only with allow_custom_backbones
-    seed: int | None = None  # None: a random seed (reported with the result)
-    id_scale: float = limits.ID_SCALE.default
-    num_frames: int = limits.FRAMES.default
-    steps: int = limits.STEPS.default
-    guidance_scale: float = limits.GUIDANCE.default
-    fps: int = limits.FPS.default
-    height: int = limits.HEIGHT.default
-    width: int = limits.WIDTH.default
-    # Beyond the release (idanimator.options turns these into the library's Extras):
-    fast: bool = False  # AnimateLCM
-    free_init: bool = False
-    loras: list = field(default_factory=list)  # names the studio offers ("name" or "name:weight")
-    lora_weight: float = 1.0  # for the names given without a weight
-    control: str = ""  # "" (none) or one of extras.spec.CONTROL_KINDS
-    control_images: list = field(default_factory=list)  # SparseCtrl keyframes (paths or images)
-    control_frames: str = ""  # the frame of each control image, "0, 15" ("": spread over the video)
-    control_video: str | None = None  # the driving video of openpose, depth or canny
-    control_strength: float = 1.0
-
-
-@dataclass
 class Job:
-    """A checked request, ready to run: validated settings, aligned faces, the backbone to use.
+    """A checked request with its aligned faces, ready to run (the backbone is one the service offers, or an
+    operator's path or Hub id). Holds no models: it is pickled to a ZeroGPU worker; the pipeline comes from
+    the service."""
 
-    Holds no models (it is pickled to a ZeroGPU worker); the pipeline comes from the service.
-    """
-
-    settings: GenerationSettings
+    request: GenerationRequest  # validated
     crops: list
-    backbone: str  # a name the service offers, or an operator's path or Hub id
-    fps: int
     notes: list[str] = field(default_factory=list)  # what we noticed about the photos
-    extras: Extras = field(default_factory=Extras)  # the options beyond the release
     created: float = field(default_factory=time.monotonic)
 
     def work_units(self) -> float:
         """Denoising work in UNet frame-steps at 512x512 (guidance, FreeInit's passes and long videos' windows
         counted): what a video's time is proportional to, for estimates."""
-        from .extras.longvideo import work_units
-
-        return work_units(self.settings, self.extras)
+        return work_units(self.request)
 
     def gpu_seconds(self) -> int:
         """A generous estimate of the GPU time this job needs (for spaces.GPU's duration)."""
-        s = self.settings
-        pixels = s.height * s.width / (512 * 512)
-        return int(min(300, 30 + 0.04 * self.work_units() + 0.5 * s.num_frames * pixels))
+        r = self.request
+        pixels = r.height * r.width / (512 * 512)
+        return int(min(300, 30 + 0.04 * self.work_units() + 0.5 * r.num_frames * pixels))
 
 
 @dataclass
@@ -163,17 +125,17 @@ class Segment:
 
 
 @dataclass
+class Failed:
+    message: str  # one sentence for the user
+
+
+@dataclass
 class Finished:
     video: Path
     seed: int
     settings: dict
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-# The release's default request (16 frames, 30 steps, 512x512, guidance 8) in work units: the serving limits'
-# measure of a request's size.
-_DEFAULT_WORK = Job(settings=GenerationSettings(prompt=""), crops=[], backbone="", fps=limits.FPS.default).work_units()
 
 
 def face_strip(crops: list, size: int = 150):
@@ -196,12 +158,7 @@ class Studio:
             self.tiny_reason, self.needs_download = real_weights_status()
         self.tiny = self.tiny_reason is not None
         common = dict(device=device, offload=offload, allow_hub_ids=options.allow_custom_backbones)
-        if self.tiny:
-            from .testing import tiny_load_options
-
-            load = tiny_load_options(**common)
-        else:
-            load = LoadOptions.for_device(**common)
+        load = load_options(tiny=self.tiny, **common)
         self.service = ModelService(load, detector=detector)
         root = own_folder(options.output_dir or Path(tempfile.gettempdir()))
         self.outputs = OutputFolder(Path(root), options.max_outputs, options.max_output_age_s)
@@ -221,7 +178,10 @@ class Studio:
     def loras(self) -> dict[str, Path]:
         """The style LoRAs a request may name (files in the operator's folder; the tiny kit's in tiny mode)."""
         folder = self.options.lora_dir or self.service.options.lora_dir
-        return lora_files(folder() if callable(folder) else folder)  # listed when a request names LoRAs
+        folder = folder() if callable(folder) else folder  # read when a request names LoRAs, not on every one
+        if folder is None or not Path(folder).is_dir():
+            return {}
+        return {p.stem: p for p in sorted(Path(folder).iterdir()) if p.suffix == ".safetensors" and p.is_file()}
 
     def backbones(self) -> list[str]:
         """The backbone names a request may pick (the first is the default)."""
@@ -269,53 +229,59 @@ class Studio:
             notes.extend(said)
         return crops, notes
 
-    def prepare(self, request: Request) -> Job:
-        """Check everything, align the faces and load the pipeline (downloading a backbone if needed).
+    def prepare(self, faces: list, request: GenerationRequest) -> Job:
+        """Check the request (once) and the server's policy for it (its backbone, LoRAs by name, the serving
+        limits), align the faces and load the pipeline (downloading a backbone if needed).
 
         Raises IDAnimatorError subclasses with user-facing sentences.
         """
-        fps = limits.FPS.check(request.fps)
-        settings = GenerationSettings.taken_from(request).validate()
-        backbone = self.service.check_backbone(
-            request.backbone or self.service.options.default_backbone,
-            limits.check_text("The custom backbone", request.custom_backbone, 1000),
-            self.options.allow_custom_backbones,
-        )
-        extras = extras_for(request, settings.num_frames, self.loras)
+        request = self._offered(request.validate())
         if self.options.serving_limits is not None:
-            work = Job(settings=settings, crops=[], backbone="", fps=fps, extras=extras).work_units()
-            self.options.serving_limits.check(settings.num_frames, settings.steps, work / _DEFAULT_WORK)
-        crops, notes = self.prepare_faces(request.faces)
+            work = work_units(request) / work_units(GenerationRequest(prompt="the release's default request"))
+            self.options.serving_limits.check(request.num_frames, request.steps, work)
+        crops, notes = self.prepare_faces(faces)
         if self.options.load_in_prepare:
             with self._run_lock, self.service.guard():
-                self.service.pipeline(backbone)
+                self.service.pipeline(request.backbone)
         else:
-            self.service.fetch_backbone(backbone)  # download now, outside the GPU's time
-        return Job(settings=settings, crops=crops, backbone=backbone, fps=fps, notes=notes, extras=extras)
+            self.service.fetch_backbone(request.backbone)  # download now, outside the GPU's time
+        return Job(request=request, crops=crops, notes=notes)
 
-    def estimate_seconds(self, request: Request) -> float | None:
+    def _offered(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with what this server offers by name put in: its backbone (a path or Hub id only with
+        allow_custom_backbones) and the files of the LoRAs it names (only those of the LoRA folder)."""
+        backbone = self.service.check_backbone(
+            request.backbone or self.service.options.default_backbone, self.options.allow_custom_backbones
+        )
+        loras = request.loras
+        if loras:
+            offered = self.loras()
+            unknown = [lora.source for lora in loras if lora.source not in offered]
+            if unknown:
+                names = ", ".join(offered) or "none are offered here"
+                raise InvalidRequestError(f"Unknown LoRA {unknown[0]!r}; choose from: {names}.")
+            loras = tuple(replace(lora, source=str(offered[lora.source])) for lora in loras)
+        return replace(request, backbone=backbone, loras=loras)  # still valid: the values were checked
+
+    def estimate_seconds(self, request: GenerationRequest) -> float | None:
         """How long a request's denoising will take here, from the speed of the last video made by this
         process (None before the first one, or if the request is not valid yet)."""
         if self._seconds_per_unit is None:
             return None
         try:
-            settings = GenerationSettings.taken_from(request).validate()
-            extras = extras_for(replace(request, loras=[]), settings.num_frames, dict)  # LoRAs hardly change the time
-            job = Job(settings=settings, crops=[], backbone="", fps=8, extras=extras)
+            return self._seconds_per_unit * work_units(request.validate())
         except IDAnimatorError:
             return None
-        return self._seconds_per_unit * job.work_units()
 
-    def preview_control(self, request: Request) -> list:
+    def preview_control(self, request: GenerationRequest) -> list:
         """The conditioning frames a request's control would feed the model (edges, pose, keyframes),
         each captioned with its frame; raises InvalidRequestError with a sentence for bad control input."""
         from .extras.conditions import preview_condition
 
-        settings = GenerationSettings.taken_from(request).validate()
-        extras = extras_for(request, settings.num_frames, self.loras)
-        if extras.control is None:
+        request = request.validate()
+        if request.control is None:
             return []
-        return preview_condition(extras.control, settings.num_frames, (settings.height, settings.width))
+        return preview_condition(request.control, request.num_frames, (request.height, request.width))
 
     def execute(
         self,
@@ -331,14 +297,14 @@ class Studio:
         Whatever happens, the service stays usable for the next request.
         """
         stop = stop or threading.Event()
-        settings = job.settings
+        request = job.request
         self.outputs.prune()
         with self._run_lock:  # one generation at a time per process; the queue also enforces it
             try:
                 with self.service.guard():
-                    pipe = self.service.pipeline(job.backbone)
+                    pipe = self.service.pipeline(request.backbone)
                     started = time.monotonic()
-                    result = yield from self._denoise(pipe, job, stop, preview_every or max(1, settings.steps // 6))
+                    result = yield from self._denoise(pipe, job, stop, preview_every or max(1, request.steps // 6))
                     self._seconds_per_unit = (time.monotonic() - started) / job.work_units()
                     # Decoding and encoding run ahead in a worker while the caller handles the previous
                     # segment (gradio probes and re-muxes each one: two processes per segment).
@@ -349,7 +315,7 @@ class Studio:
         yield Finished(
             video=video,
             seed=result.seed,
-            settings={**settings.as_dict(), "seed": result.seed, "fps": job.fps, "backbone": job.backbone},
+            settings=result.request.settings(),
             warnings=result.warnings,
             seconds=time.monotonic() - job.created,
         )
@@ -362,16 +328,16 @@ class Studio:
                 preview = preview_strip(latents) if (step + 1) % every == 0 or step + 1 == total else None
                 emit(Progress(step + 1, total, preview))
 
-            return pipe.denoise(job.crops, job.settings, extras=job.extras, callback=on_step, should_stop=stop.is_set)
+            return pipe.denoise(job.crops, job.request, callback=on_step, should_stop=stop.is_set)
 
         return (yield from _in_worker(work, stop))
 
     def _write(self, pipe, job: Job, result, stop: threading.Event, stream: bool, emit) -> Path:
         """Decode the video a segment at a time (emitting each as a short MP4 when `stream` and decoding is slow
         enough for it to matter), then write it."""
-        starts = range(0, job.settings.num_frames, SEGMENT_FRAMES)
+        starts = range(0, job.request.num_frames, SEGMENT_FRAMES)
         segments = None
-        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.fps) as whole:  # chunk by chunk: flat memory
+        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.request.fps) as whole:  # chunk by chunk: flat memory
             for index, start in enumerate(starts):
                 if stop.is_set():
                     raise GenerationCancelled("Generation was stopped.")
@@ -382,18 +348,19 @@ class Studio:
                     segments = self.outputs.new_folder() if stream and len(starts) > 1 else None
                 whole.write(chunk)
                 if segments is not None:
-                    emit(Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.fps)))
+                    emit(Segment(write_mp4(chunk, self.outputs.new_path(".mp4", segments), fps=job.request.fps)))
         if stream and segments is None:  # one segment: the video itself is streamed
             emit(Segment(whole.path))
         return whole.path
 
     def run(
         self,
-        request: Request,
+        faces: list,
+        request: GenerationRequest,
         stop: threading.Event | None = None,
         stream: bool = True,
         preview_every: int | None = None,
     ) -> Iterator[Progress | Segment | Finished]:
         """:meth:`prepare` then :meth:`execute`."""
-        job = self.prepare(request)
+        job = self.prepare(faces, request)
         yield from self.execute(job, stop=stop, stream=stream, preview_every=preview_every)

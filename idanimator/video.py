@@ -48,6 +48,8 @@ from .video_writers import (  # noqa: F401  (the writers' public names, imported
 # ffmpeg's names of the container demuxers read: MP4/MOV/M4V/3GP, MKV/WebM, AVI, GIF, MPEG-TS, MPEG-PS (.mpg),
 # FLV and ASF (.wmv). None of them opens another file; concat, hls, image2 and the like are left out for that.
 VIDEO_FORMATS = ("mov", "matroska", "avi", "gif", "mpegts", "mpeg", "flv", "asf")
+# The file suffixes of those containers: what build-dataset and eval pick out of a folder as videos.
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv")
 _SAFE_INPUT = ["-protocol_whitelist", "file", "-format_whitelist", ",".join(VIDEO_FORMATS)]
 _SAFE_INPUT += ["-max_pixels", str(MAX_SOURCE_PIXELS)]  # the decoder's own cap, whatever the header says
 _PASSTHROUGH = ["-fps_mode", "passthrough"]  # frame n is the n-th decoded frame: none dropped or repeated

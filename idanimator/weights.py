@@ -30,9 +30,25 @@ def describe(source: str | Source) -> str:
     return str(source)
 
 
+def parse_hub_id(text: str, *, file_suffixes: tuple[str, ...] = SINGLE_FILE_SUFFIXES) -> HubFolder | HubFile | None:
+    """The Hub source a text names, or None when it names none: "owner/name" is a repository,
+    "owner/name/path/file" (ending in one of ``file_suffixes``, any letter case) one file in it, either with an
+    optional "@revision" (branch, tag or commit). Nothing on disk or on the network is looked at; a text
+    starting with ".", "/" or "~" is a local path, never a Hub id. The one Hub-id parser of the project."""
+    name, _, revision = text.partition("@")
+    parts = name.split("/")
+    if len(parts) < 2 or not _HUB_ID.match("/".join(parts[:2])) or name.startswith((".", "/", "~")):
+        return None
+    if len(parts) == 2:
+        return HubFolder(name, revision=revision or None)
+    if name.lower().endswith(file_suffixes):
+        return HubFile("/".join(parts[:2]), "/".join(parts[2:]), revision=revision or None)
+    return None
+
+
 def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source | Path:
-    """A registry name, an existing local path, or a Hub id: "owner/name" or "owner/name/file.safetensors",
-    either with an optional "@revision" (branch, tag or commit)."""
+    """A registry name, an existing local path, or a Hub id (see :func:`parse_hub_id`): "owner/name" or
+    "owner/name/file.safetensors", either with an optional "@revision" (branch, tag or commit)."""
     if isinstance(value, (HubFolder, HubFile)):
         return value
     if value in BACKBONES:
@@ -40,19 +56,9 @@ def parse_source(value: str | Source, *, allow_hub_ids: bool = True) -> Source |
     path = Path(value).expanduser()
     if path.exists():
         return path
-    value, _, revision = value.partition("@")
-    revision = revision or None
-    parts = value.split("/")
-    if (
-        allow_hub_ids
-        and len(parts) >= 2
-        and _HUB_ID.match("/".join(parts[:2]))
-        and not value.startswith((".", "/", "~"))
-    ):
-        if len(parts) > 2 and value.lower().endswith(SINGLE_FILE_SUFFIXES):
-            return HubFile("/".join(parts[:2]), "/".join(parts[2:]), revision=revision)
-        if len(parts) == 2:
-            return HubFolder(value, revision=revision)
+    if allow_hub_ids and (source := parse_hub_id(value)) is not None:
+        return source
+    value = value.partition("@")[0]
     if not allow_hub_ids and _HUB_ID.match(value):
         raise WeightsUnavailableError(f"{value!r} is not one of the offered models ({', '.join(BACKBONES)}).")
     names = ", ".join(BACKBONES)

@@ -31,7 +31,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_kit() -> dict[str, Path]:
-    from idanimator.testing import build_tiny_kit, default_tiny_dir
+    from idanimator.tiny import build_tiny_kit, default_tiny_dir
 
     return build_tiny_kit(default_tiny_dir())
 

@@ -85,30 +85,25 @@ def running_app(tmp_path: Path, *extra: str, timeout: float = 120):
         log.close()
 
 
-# The page's inputs beyond the release, all off: fast, FreeInit, LoRAs and their weight, control kind, keyframe
-# images, their frames, driving video, strength.
-NO_EXTRAS = (False, False, [], 1.0, "", [], "", None, 1.0)
-
-
-def generate_over_http(
-    client,
-    face,
-    seed: int = 3,
-    frames: int = 8,
-    extras: tuple = NO_EXTRAS,
-    prompt: str = "a person smiling",
-    steps: int = 2,
-    resolution: str = "64x64 (tiny)",
-    submit: bool = False,
-):
-    """Call the app's /generate endpoint the way a client would, with tiny-mode settings (``submit``: return
-    the job at once instead of its outputs)."""
+def generate_over_http(client, face, *, submit: bool = False, **values):
+    """Call the app's /generate endpoint by parameter name, as an API client would, with tiny-mode settings
+    unless ``values`` say otherwise (``submit``: return the job at once instead of its outputs)."""
     from gradio_client import handle_file
 
-    args = [[handle_file(str(face))], prompt, "", True, "tiny", "", seed, False, 0.8, frames, steps, 8.0, 8, resolution]
+    values = {
+        "faces": [handle_file(str(face))],
+        "prompt": "a person smiling",
+        "backbone": "tiny",
+        "seed": 3,
+        "randomize_seed": False,
+        "num_frames": 8,
+        "steps": 2,
+        "resolution": "64x64 (tiny)",
+        **values,
+    }
     if submit:
-        return client.submit(*args, *extras, api_name="/generate")
-    return client.predict(*args, *extras, api_name="/generate")
+        return client.submit(**values, api_name="/generate")
+    return client.predict(**values, api_name="/generate")
 
 
 def moving_face_video(folder: Path, frames: int) -> Path:

@@ -12,6 +12,8 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from idanimator.adapter import (
     FaceAdapterWeights,
     build_resampler,
+    checkpoint_index,
+    face_adapter_layers,
     install_face_adapter,
     load_face_adapter_weights,
     resampler_from_diffusers,
@@ -98,6 +100,21 @@ def test_adapter_for_another_unet_is_refused(official, tiny_kit):
     face.update({k.replace("1.", "99.", 1): v for k, v in official.face_adapter.items() if k.startswith("1.")})
     with pytest.raises(CheckpointError, match="does not fit"):
         install_face_adapter(fresh_motion_unet(tiny_kit), FaceAdapterWeights(official.image_proj, face))
+
+
+def test_the_checkpoint_numbers_cross_attentions_1_3_5_in_the_unets_order(official, tiny_kit):
+    unet = fresh_motion_unet(tiny_kit)
+    names = spatial_cross_attention_names(unet)
+    assert [checkpoint_index(j) for j in range(3)] == [1, 3, 5]
+    layers = face_adapter_layers(unet, official)
+    assert list(layers) == list(range(1, 2 * len(names), 2))
+    assert list(layers.values()) == names
+
+
+def test_an_adapter_missing_a_layer_names_it(official, tiny_kit):
+    face = {k: v for k, v in official.face_adapter.items() if not k.startswith("3.")}
+    with pytest.raises(CheckpointError, match="layer 3 is missing"):
+        face_adapter_layers(fresh_motion_unet(tiny_kit), FaceAdapterWeights(official.image_proj, face))
 
 
 class _Exploit:
@@ -213,10 +230,9 @@ def test_every_tensor_is_applied_and_motion_modules_untouched(official, tiny_kit
     assert changed, "the LoRA was not fused"
     assert all(".attn2.to_" in k and "motion_modules" not in k for k in changed)
     assert not any(k.endswith("bias") for k in changed)
-    face_procs = [unet.attn_processors[n] for n in spatial_cross_attention_names(unet)]
     assert all(
-        torch.equal(p.to_k_ip[0].weight, official.face_adapter[f"{2 * j + 1}.to_k_face.weight"])
-        for j, p in enumerate(face_procs)
+        torch.equal(unet.attn_processors[name].to_k_ip[0].weight, official.face_adapter[f"{index}.to_k_face.weight"])
+        for index, name in face_adapter_layers(unet).items()
     )
 
 

@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 
 from idanimator import settings as limits
 from idanimator.studio import Studio, StudioOptions
-from tests.helpers import NO_EXTRAS, ROOT, generate_over_http, read_video, running_app
+from tests.helpers import ROOT, generate_over_http, read_video, running_app
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def app(app_dir, tiny_kit):
 
 
 def generate(client, face, seed=3, frames=8):
-    return generate_over_http(client, face, seed, frames)
+    return generate_over_http(client, face, seed=seed, num_frames=frames)
 
 
 def test_upload_and_generate_gives_an_mp4_with_the_requested_frames(app, astronaut_path):
@@ -197,9 +197,8 @@ def test_the_console_shows_our_lines_not_tracebacks_or_gradio_hints(app, app_dir
         generate(client, astronaut_path, frames=999)
     with pytest.raises(Exception, match="greater than maximum value 4294967295"):
         generate(client, astronaut_path, seed=2**40)
-    args = [[handle_file(str(astronaut_path))], "a person", "", True, "no-such-backbone", "", 3, False, 0.8, 8, 2]
     with pytest.raises(Exception, match="no-such-backbone"):
-        client.predict(*args, 8.0, 8, "64x64 (tiny)", *NO_EXTRAS, api_name="/generate")
+        generate_over_http(client, astronaut_path, backbone="no-such-backbone")
     log = (app_dir / "app.log").read_text()
     assert "Traceback" not in log
     assert "INFO idanimator.app: refused a request: Value 999 is greater than maximum value 128.\n" in log
@@ -214,8 +213,9 @@ def test_stop_ends_a_running_generation_and_the_server_answers_the_next_request(
 
     client, proc = app
     # 32 frames x 100 steps: about a minute of work left to do if Stop did not end it.
-    args = [handle_file(str(astronaut_path)), "a person smiling", "", True, "tiny", "", 5, False, 0.8, 32, 100]
-    job = client.submit([args[0]], *args[1:], 8.0, 8, "64x96 (tiny)", *NO_EXTRAS, api_name="/generate")
+    job = generate_over_http(
+        client, astronaut_path, seed=5, num_frames=32, steps=100, resolution="64x96 (tiny)", submit=True
+    )
     deadline = time.monotonic() + 60
     while not job.status().progress_data and not job.done() and time.monotonic() < deadline:  # denoising
         time.sleep(0.1)
@@ -229,3 +229,13 @@ def test_stop_ends_a_running_generation_and_the_server_answers_the_next_request(
     # The queue is free again at once (the 100-step run was not left going): the next request is quick.
     assert read_video(generate(client, astronaut_path)[2]).shape[0] == 8
     assert time.monotonic() - started < 30
+
+
+def test_generate_is_called_by_parameter_name_over_the_api(app):
+    """The API's /generate takes the page's inputs by name (README "The app"), the session's history not."""
+    client, _ = app
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
+    names = [parameter["parameter_name"] for parameter in endpoint["parameters"]]
+    assert names[:4] == ["faces", "prompt", "negative_prompt", "add_prompt_suffix"]
+    assert {"num_frames", "steps", "seed", "randomize_seed", "resolution", "control_video"} <= set(names)
+    assert "history" not in names

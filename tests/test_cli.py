@@ -216,7 +216,7 @@ def test_a_bad_lora_weight_or_folder_is_refused_before_any_model_loads(tmp_path,
 
 def test_a_lora_folder_with_one_file_and_a_file_with_a_weight_are_taken(tmp_path):
     from idanimator.extras.lorafiles import check_source
-    from idanimator.extras.spec import LoraSpec
+    from idanimator.request import LoraSpec
 
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "style.safetensors").write_bytes(b"")

@@ -63,7 +63,7 @@ def tiny_clip(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from idanimator.testing.kit import _tiny_tokenizer
+    from idanimator.tiny.kit import _tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = _tiny_tokenizer(folder)
@@ -189,8 +189,8 @@ def test_arcface_runs_from_an_insightface_pack_folder(insightface_root, detector
 
 
 def test_arcface_without_a_pack_says_where_to_put_it(tmp_path):
+    from idanimator.errors import ModelUnavailableError
     from idanimator.eval.embedders import ArcFaceEmbedder
-    from idanimator.eval.spec import ModelUnavailableError
 
     with pytest.raises(ModelUnavailableError, match=r"antelopev2 or buffalo_l pack in .*models"):
         ArcFaceEmbedder(tmp_path)
@@ -244,8 +244,8 @@ def test_clip_metrics_run_on_a_tiny_clip_in_the_transformers_layout(tiny_clip, a
 
 
 def test_clip_offline_and_not_cached_is_unavailable_with_the_reason(monkeypatch, tmp_path):
+    from idanimator.errors import ModelUnavailableError
     from idanimator.eval.clipmetrics import find_clip_model
-    from idanimator.eval.spec import ModelUnavailableError
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelUnavailableError, match="openai/clip-vit-base-patch32 is not in the Hugging Face cache"):
@@ -322,7 +322,7 @@ def full_eval(eval_folder, tiny_clip, insightface_root, curricularface_weights):
 
 
 def test_eval_measures_every_metric_and_writes_the_report(full_eval, eval_folder):
-    from idanimator.eval.spec import FACE_RATE, METRICS
+    from idanimator.eval.metrics import FACE_RATE, METRICS
 
     code, out, err, summary = full_eval
     assert code == 0, err

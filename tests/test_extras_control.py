@@ -13,15 +13,14 @@ from PIL import Image, ImageDraw
 from idanimator.adapter import spatial_cross_attention_names
 from idanimator.errors import InvalidImageError, InvalidRequestError, WeightsUnavailableError
 from idanimator.extras import control
-from idanimator.extras.apply import Call
 from idanimator.extras.conditions import preview_condition
 from idanimator.extras.control_models import ControlModels
-from idanimator.extras.spec import ControlSpec, Extras, KeyFrame
 from idanimator.models import PerFrameGroupNorm
-from idanimator.settings import GenerationSettings
-from idanimator.testing import TINY_SETTINGS
-from idanimator.testing.control_kit import tiny_control_models
-from idanimator.testing.kit import TINY_NUM_TOKENS
+from idanimator.pipeline import IDAnimatorPipeline
+from idanimator.request import ControlSpec, GenerationRequest, KeyFrame
+from idanimator.tiny import TINY_SETTINGS
+from idanimator.tiny.control_kit import tiny_control_models
+from idanimator.tiny.kit import TINY_NUM_TOKENS
 from idanimator.video import write_mp4
 
 # One step without classifier-free guidance: a quarter of the work, and the face still enters (its conditional half).
@@ -33,12 +32,21 @@ def control_paths(tiny_kit):
     return tiny_control_models()  # beside the session's tiny kit, sized from its UNet (what tiny mode uses)
 
 
+def with_control_models(pipeline, models: ControlModels) -> IDAnimatorPipeline:
+    """A pipeline on ``pipeline``'s modules whose controls take their models from ``models``."""
+    return IDAnimatorPipeline(
+        pipeline.pipe,
+        dtype=pipeline.dtype,
+        detector=pipeline.detector,
+        face_cache=pipeline.face_cache,
+        control_models=models,
+    )
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_pipe, control_paths):
-    """The session's tiny pipeline with the tiny control models (as the service would set them)."""
-    tiny_pipe.control_models = ControlModels(control_paths)
-    yield tiny_pipe
-    del tiny_pipe.control_models
+    """The session's tiny pipeline's modules with the tiny control models (as the service would give them)."""
+    return with_control_models(tiny_pipe, ControlModels(control_paths))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,7 @@ def driving_video(tmp_path_factory, astronaut):
 
 
 def generate(pipe, crops, control_spec=None, **overrides):
-    extras = Extras(control=control_spec) if control_spec is not None else None
-    return pipe(crops, "a man walking", **{**FAST, **overrides}, extras=extras).frames
+    return pipe(crops, "a man walking", **{**FAST, **overrides}, control=control_spec).frames
 
 
 @contextmanager
@@ -184,11 +191,10 @@ def test_the_cached_pipeline_is_unchanged_after_control(pipe, crops, plain, sket
 
 
 def test_strength_zero_is_no_control_and_loads_nothing():
-    call = Call(pipe=object(), kwargs={"prompt": "x"})
-    extras = Extras(control=ControlSpec("canny", video="missing.mp4", strength=0.0))
-    settings = GenerationSettings(prompt="x", **TINY_SETTINGS)
-    with control.applied(object(), settings, extras, call) as inside:
-        assert inside.kwargs == {"prompt": "x"}
+    base, arguments = object(), {"prompt": "x"}
+    request = GenerationRequest(prompt="x", **TINY_SETTINGS, control=ControlSpec("canny", video="x.mp4", strength=0))
+    with control.structure_control(base, request, ControlModels({"canny": "/nowhere"}), arguments) as inside:
+        assert inside == (base, {"prompt": "x"})
 
 
 # -- what is fed ----------------------------------------------------------------------------------
@@ -258,11 +264,10 @@ def test_a_colour_video_for_depth(pipe, crops, driving_video):
     assert one_sentence(error)
 
 
-def test_a_control_model_that_cannot_be_had_offline(pipe, crops, driving_video, monkeypatch):
+def test_a_control_model_that_cannot_be_had_offline(pipe, crops, driving_video):
     # The registry's models, which are neither cached nor downloadable in the tests (HF_HUB_OFFLINE).
-    monkeypatch.setattr(pipe, "control_models", ControlModels())
     with pytest.raises(WeightsUnavailableError, match="lllyasviel/control_v11p_sd15_canny") as error:
-        generate(pipe, crops[:1], ControlSpec("canny", video=driving_video))
+        generate(with_control_models(pipe, ControlModels()), crops[:1], ControlSpec("canny", video=driving_video))
     assert one_sentence(error)
 
 

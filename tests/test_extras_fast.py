@@ -9,25 +9,34 @@ import torch
 
 from idanimator.errors import CheckpointError, GenerationCancelled, InvalidRequestError, WeightsUnavailableError
 from idanimator.extras import fast
-from idanimator.extras.spec import Extras
+from idanimator.pipeline import IDAnimatorPipeline
 
 SETTINGS = dict(num_frames=4, steps=2, height=64, width=64, seed=7)
-FAST = Extras(fast=True)
+FAST = {"fast": True}
 
 
 @pytest.fixture(scope="module")
 def fast_kit(tiny_kit):
-    from idanimator.testing.fast_kit import build_fast_kit
+    from idanimator.tiny.fast_kit import build_fast_kit
 
     return build_fast_kit(kit=tiny_kit)
 
 
+def with_fast_weights(pipeline, source) -> IDAnimatorPipeline:
+    """A pipeline on ``pipeline``'s modules whose fast mode takes AnimateLCM from ``source``."""
+    return IDAnimatorPipeline(
+        pipeline.pipe,
+        dtype=pipeline.dtype,
+        detector=pipeline.detector,
+        face_cache=pipeline.face_cache,
+        fast_weights=fast.AnimateLCMWeights(source),
+    )
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_pipe, fast_kit):
-    """The session's tiny pipeline, told where its AnimateLCM is; given back without it and without its LoRA."""
-    tiny_pipe.fast_weights = fast_kit["folder"]
-    yield tiny_pipe
-    del tiny_pipe.fast_weights
+    """The session's tiny pipeline's modules, with the tiny AnimateLCM; its LoRA is taken off after."""
+    yield with_fast_weights(tiny_pipe, fast_kit["folder"])
     fast.remove_lcm_lora(tiny_pipe.pipe.unet)
 
 
@@ -68,7 +77,7 @@ def assert_unchanged(pipe, before: dict) -> None:
 
 
 def test_fast_mode_runs_lcm_with_animatelcm_motion_and_lora_and_changes_the_video(pipe, crops):
-    weights = fast.fast_weights_for(pipe)
+    weights = pipe.fast_weights.get()
     name = "mid_block.motion_modules.0.proj_out.weight"
     seen = []
 
@@ -85,11 +94,11 @@ def test_fast_mode_runs_lcm_with_animatelcm_motion_and_lora_and_changes_the_vide
         )
 
     plain = generate(pipe, crops)
-    quick = generate(pipe, crops, extras=FAST, callback=inside)
+    quick = generate(pipe, crops, **FAST, callback=inside)
     assert seen == [("LCMScheduler", weights.lora_layers, True, True)] * SETTINGS["steps"]
     assert weights.lora_layers == 72  # every attention layer of the kit's 6 transformer blocks, attn2's included
     assert np.abs(plain - quick).max() > 1e-2
-    assert np.array_equal(quick, generate(pipe, crops, extras=FAST))  # reproducible
+    assert np.array_equal(quick, generate(pipe, crops, **FAST))  # reproducible
 
 
 @pytest.mark.parametrize("part", ["motion_weights", "lcm_lora", "lcm_scheduler"])
@@ -97,21 +106,21 @@ def test_each_part_of_the_fast_mode_changes_the_video(pipe, crops, part, monkeyp
     """A fast request with one part left out gives another video than the whole fast mode."""
     from contextlib import nullcontext
 
-    whole = generate(pipe, crops, extras=FAST)
+    whole = generate(pipe, crops, **FAST)
     monkeypatch.setattr(fast, part, lambda *args: nullcontext())
-    assert np.abs(whole - generate(pipe, crops, extras=FAST)).max() > 1e-3
+    assert np.abs(whole - generate(pipe, crops, **FAST)).max() > 1e-3
 
 
 def test_the_pipeline_computes_bit_for_bit_the_same_after_a_fast_request(pipe, crops):
     fast.remove_lcm_lora(pipe.pipe.unet)
     modules = [type(m) for m in pipe.pipe.unet.modules()]
     before, plain = snapshot(pipe), generate(pipe, crops)
-    generate(pipe, crops, extras=FAST)
+    generate(pipe, crops, **FAST)
     assert np.array_equal(plain, generate(pipe, crops))
     assert_unchanged(pipe, before)
     # The LoRA stays loaded (inactive) for the next fast request; taking it off gives back the UNet's own layers.
     kept = {id(m.lora_A[fast.ADAPTER].weight) for m in pipe.pipe.unet.modules() if hasattr(m, "lora_A")}
-    generate(pipe, crops, extras=FAST)
+    generate(pipe, crops, **FAST)
     assert kept == {id(m.lora_A[fast.ADAPTER].weight) for m in pipe.pipe.unet.modules() if hasattr(m, "lora_A")}
     fast.remove_lcm_lora(pipe.pipe.unet)
     assert [type(m) for m in pipe.pipe.unet.modules()] == modules
@@ -120,21 +129,21 @@ def test_the_pipeline_computes_bit_for_bit_the_same_after_a_fast_request(pipe, c
 
 
 def test_a_fast_request_that_is_stopped_leaves_the_pipeline_as_it_was(pipe, crops):
-    generate(pipe, crops, extras=FAST)  # the LoRA is loaded: what stays is compared
+    generate(pipe, crops, **FAST)  # the LoRA is loaded: what stays is compared
     before, plain = snapshot(pipe), generate(pipe, crops)
     steps = []
     with pytest.raises(GenerationCancelled):
-        generate(pipe, crops, extras=FAST, callback=lambda *a: steps.append(a[0]), should_stop=lambda: bool(steps))
+        generate(pipe, crops, **FAST, callback=lambda *a: steps.append(a[0]), should_stop=lambda: bool(steps))
     assert steps == [0]
     assert_unchanged(pipe, before)
     assert np.array_equal(plain, generate(pipe, crops))
 
 
 def test_the_face_still_decides_the_video_in_fast_mode(pipe, crops):
-    one = generate(pipe, crops[:1], extras=FAST)
-    other = generate(pipe, crops[1:], extras=FAST)
+    one = generate(pipe, crops[:1], **FAST)
+    other = generate(pipe, crops[1:], **FAST)
     assert np.abs(one - other).max() > 1e-3
-    assert np.abs(one - generate(pipe, crops[:1], id_scale=0.0, extras=FAST)).max() > 1e-3
+    assert np.abs(one - generate(pipe, crops[:1], id_scale=0.0, **FAST)).max() > 1e-3
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # PEFT, on a second adapter
@@ -143,13 +152,13 @@ def test_a_style_lora_keeps_its_weight_beside_the_fast_lora_and_leaving_never_tu
 ):
     """As the style LoRAs' step does: its own adapter at its own weight, taken off after its request."""
     unet = pipe.pipe.unet
-    quick, plain = generate(pipe, crops, extras=FAST), generate(pipe, crops)
+    quick, plain = generate(pipe, crops, **FAST), generate(pipe, crops)
     pipe.pipe.load_lora_weights(str(fast_kit["lora"]), adapter_name="style")
     pipe.pipe.set_adapters(["style"], [0.5])
     styled = generate(pipe, crops)
     scales = {id(m): m.scaling["style"] for m in unet.modules() if hasattr(m, "scaling")}
     inside = []
-    generate(pipe, crops, extras=FAST, callback=lambda *a: inside.append(fast.active_adapters(unet)))
+    generate(pipe, crops, **FAST, callback=lambda *a: inside.append(fast.active_adapters(unet)))
     assert inside[0] == ["style", fast.ADAPTER]
     assert fast.active_adapters(unet) == ["style"]
     assert scales == {id(m): m.scaling["style"] for m in unet.modules() if hasattr(m, "scaling")}
@@ -160,23 +169,23 @@ def test_a_style_lora_keeps_its_weight_beside_the_fast_lora_and_leaving_never_tu
     assert np.array_equal(plain, generate(pipe, crops))
     # Another step unloading every LoRA takes ours too: the next fast request loads it again.
     pipe.pipe.unload_lora_weights()
-    assert np.array_equal(quick, generate(pipe, crops, extras=FAST))
+    assert np.array_equal(quick, generate(pipe, crops, **FAST))
 
 
 @pytest.mark.filterwarnings("ignore:Adapter style_0 was active")  # PEFT, as the style step deletes its adapter
 def test_fast_mode_with_a_style_lora_applies_both_and_leaves_both_off(pipe, crops, tiny_kit, tmp_path):
     """Through the request path, with the style LoRAs' own step."""
-    from idanimator.extras.spec import LoraSpec
-    from idanimator.testing.loras import save_tiny_lora
+    from idanimator.request import LoraSpec
+    from idanimator.tiny.lora_kit import save_tiny_lora
 
     style = (LoraSpec(str(save_tiny_lora(tiny_kit["base"], tmp_path / "style.safetensors")), 0.7),)
-    plain, quick = generate(pipe, crops), generate(pipe, crops, extras=FAST)
-    both = generate(pipe, crops, extras=Extras(fast=True, loras=style))
+    plain, quick = generate(pipe, crops), generate(pipe, crops, **FAST)
+    both = generate(pipe, crops, fast=True, loras=style)
     assert np.abs(both - quick).max() > 1e-3
-    generate(pipe, crops, extras=Extras(loras=style))
+    generate(pipe, crops, loras=style)
     assert fast.active_adapters(pipe.pipe.unet) == []
     assert np.array_equal(plain, generate(pipe, crops))
-    assert np.array_equal(quick, generate(pipe, crops, extras=FAST))
+    assert np.array_equal(quick, generate(pipe, crops, **FAST))
 
 
 def test_model_offload_gives_the_same_fast_video_and_stays_as_it_was(pipe, crops, monkeypatch):
@@ -187,11 +196,12 @@ def test_model_offload_gives_the_same_fast_video_and_stays_as_it_was(pipe, crops
     from idanimator.pipeline import IDAnimatorPipeline
 
     monkeypatch.setattr(pipeline_utils, "get_device", lambda: torch.device("cpu"))
-    offloaded = IDAnimatorPipeline.from_pretrained(tiny=True, device="cpu", detector=pipe.detector)
-    offloaded.fast_weights = pipe.fast_weights
+    offloaded = IDAnimatorPipeline.from_pretrained(
+        tiny=True, device="cpu", detector=pipe.detector, fast_weights=pipe.fast_weights.source
+    )
     offloaded.pipe.enable_model_cpu_offload(device="cpu")
     plain = generate(offloaded, crops)
-    assert np.array_equal(generate(offloaded, crops, extras=FAST), generate(pipe, crops, extras=FAST))
+    assert np.array_equal(generate(offloaded, crops, **FAST), generate(pipe, crops, **FAST))
     assert np.array_equal(plain, generate(offloaded, crops))
     assert np.array_equal(plain, generate(pipe, crops))
 
@@ -203,7 +213,7 @@ def test_under_sequential_offload_the_motion_swap_goes_through_accelerates_store
 
     from idanimator.pipeline import IDAnimatorPipeline
 
-    weights = fast.fast_weights_for(pipe)
+    weights = pipe.fast_weights.get()
     with fast.motion_weights(pipe.pipe.unet, weights):
         expected = generate(pipe, crops)
     offloaded = IDAnimatorPipeline.from_pretrained(tiny=True, device="cpu", detector=pipe.detector)
@@ -223,16 +233,12 @@ def test_missing_animatelcm_weights_are_one_sentence_and_change_nothing(pipe, cr
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     cases = [(None, "not downloaded"), (tmp_path / "nowhere", "does not exist"), (empty, fast.LORA_FILE)]
-    try:
-        for where, words in cases:
-            pipe.fast_weights = where
-            with pytest.raises(WeightsUnavailableError) as error:
-                generate(pipe, crops, extras=FAST)
-            message = str(error.value)
-            assert words in message and "AnimateLCM" in message
-            assert message.endswith(".") and "\n" not in message and ". " not in message
-    finally:
-        pipe.fast_weights = fast_kit["folder"]
+    for where, words in cases:
+        with pytest.raises(WeightsUnavailableError) as error:
+            generate(with_fast_weights(pipe, where), crops, **FAST)
+        message = str(error.value)
+        assert words in message and "AnimateLCM" in message
+        assert message.endswith(".") and "\n" not in message and ". " not in message
     assert_unchanged(pipe, before)
 
 
@@ -246,18 +252,14 @@ def test_a_motion_module_that_does_not_fit_is_refused_and_changes_nothing(pipe, 
     MotionAdapter.from_config(config).save_pretrained(other)
     shutil.copy(fast_kit["lora"], other / fast.LORA_FILE)
     before = snapshot(pipe)
-    pipe.fast_weights = other
-    try:
-        with pytest.raises(CheckpointError, match=r"does not fit this model's motion modules \(.*pos_embed"):
-            generate(pipe, crops, extras=FAST)
-    finally:
-        pipe.fast_weights = fast_kit["folder"]
+    with pytest.raises(CheckpointError, match=r"does not fit this model's motion modules \(.*pos_embed"):
+        generate(with_fast_weights(pipe, other), crops, **FAST)
     assert_unchanged(pipe, before)
 
 
 def test_more_steps_than_lcm_can_take_are_refused(pipe, crops):
     with pytest.raises(InvalidRequestError, match="at most 50 steps"):
-        generate(pipe, crops, steps=51, extras=FAST)
+        generate(pipe, crops, steps=51, **FAST)
 
 
 def test_the_tiny_animatelcm_has_the_real_layouts(fast_kit, tiny_kit):
@@ -276,4 +278,7 @@ def test_the_tiny_animatelcm_has_the_real_layouts(fast_kit, tiny_kit):
     assert mine.keys() == theirs.keys()
     name = "mid_block.motion_modules.0.proj_out.weight"
     assert not torch.equal(mine[name], theirs[name])
-    assert fast.load_fast_weights(fast_kit["folder"]) is fast.load_fast_weights(fast_kit["folder"])  # loaded once
+    weights = fast.AnimateLCMWeights(fast_kit["folder"])
+    assert weights.get() is weights.get()  # loaded once, kept by its owner (a service or a pipeline)
+    weights.clear()
+    assert weights._loaded is None

@@ -3,7 +3,6 @@ the cached pipeline exactly as it found it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,8 @@ import torch
 
 from idanimator.errors import GenerationCancelled, InvalidRequestError, WeightsUnavailableError
 from idanimator.extras import freeinit, longvideo, loras
-from idanimator.extras.apply import Call
-from idanimator.extras.spec import Extras, LoraSpec
-from idanimator.settings import GenerationSettings
-from idanimator.testing.loras import save_sdxl_lora, save_tiny_lora
+from idanimator.request import GenerationRequest, LoraSpec
+from idanimator.tiny.lora_kit import save_sdxl_lora, save_tiny_lora
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +22,7 @@ def crops(tiny_pipe, astronaut_path, second_face):
 
 @pytest.fixture(scope="module")
 def settings():
-    return GenerationSettings(
+    return GenerationRequest(
         prompt="a man walking on the moon", num_frames=8, steps=2, height=64, width=64, seed=7
     ).validate()
 
@@ -64,7 +61,8 @@ def pipeline_is_left_clean(tiny_pipe, clean_modules):
 
 
 def run(pipeline, crops, settings, extras=None, **overrides):
-    return pipeline.denoise(crops[:1], replace(settings, **overrides), extras=extras).latents
+    """The latents of a request with ``extras`` (the options' request fields) and ``overrides``."""
+    return pipeline.denoise(crops[:1], settings.replace(**(extras or {}), **overrides)).latents
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +70,7 @@ def generated(tiny_pipe, crops, settings):
     """Latents of the tiny video with some extras, made once per module (plain ones are always made afresh)."""
     made = {}
 
-    def generated(extras: Extras):
+    def generated(extras: dict):
         if repr(extras) not in made:
             made[repr(extras)] = run(tiny_pipe, crops, settings, extras)
         return made[repr(extras)]
@@ -80,8 +78,8 @@ def generated(tiny_pipe, crops, settings):
     return generated
 
 
-def with_loras(*specs) -> Extras:
-    return Extras(loras=tuple(LoraSpec(str(source), weight) for source, weight in specs)).validate(8)
+def with_loras(*specs) -> dict:
+    return {"loras": tuple(LoraSpec(str(source), weight) for source, weight in specs)}
 
 
 def differ(a, b) -> float:
@@ -110,7 +108,7 @@ def test_a_kohya_lora_changes_the_unet_and_the_text_encoder(tiny_pipe, crops, se
     plain, plain_text = run(tiny_pipe, crops, settings), text_features()
     assert differ(generated(with_loras((lora_files["kohya"], 1.0))), plain) > 1e-3
     text_only = with_loras((lora_files["kohya-text-only"], 1.0))
-    with loras.applied(tiny_pipe, settings, text_only, Call(pipe)):
+    with loras.style_loras(pipe, text_only["loras"]):
         assert differ(text_features(), plain_text) > 1e-3
         assert not any(pipe.get_list_adapters().get("unet", []))
     assert torch.equal(text_features(), plain_text)
@@ -132,7 +130,7 @@ def test_the_face_adapter_stays_under_the_loras(tiny_pipe, settings, lora_files)
     unet = tiny_pipe.pipe.unet
     before = loras.face_adapter_state(unet)
     extras = with_loras((lora_files["diffusers"], 1.0), (lora_files["kohya"], 0.5))
-    with loras.applied(tiny_pipe, settings, extras, Call(tiny_pipe.pipe)):
+    with loras.style_loras(tiny_pipe.pipe, extras["loras"]):
         processors = unet.attn_processors
         names = spatial_cross_attention_names(unet)
         assert names and all(isinstance(processors[name], IPAdapterAttnProcessor2_0) for name in names)
@@ -222,14 +220,15 @@ def test_a_hub_lora_in_the_local_cache_is_used_offline(tiny_pipe, crops, setting
 
 def test_free_init_reruns_the_loop_with_the_face_and_reports_steady_progress(tiny_pipe, crops, settings, generated):
     seen = []
-    plain = generated(Extras())
-    extras = Extras(free_init=True)
-    steadied = tiny_pipe.denoise(crops[:1], settings, extras=extras, callback=lambda s, t, _: seen.append((s, t)))
+    plain = generated({})
+    steadied = tiny_pipe.denoise(
+        crops[:1], settings.replace(free_init=True), callback=lambda s, t, _: seen.append((s, t))
+    )
     assert differ(steadied.latents, plain) > 1e-3
     assert len(seen) == settings.steps * freeinit.ITERATIONS
     assert [s for s, _ in seen] == sorted(s for s, _ in seen) and seen[0][0] == 0
     assert {t for _, t in seen} == {settings.steps} and seen[-1][0] == settings.steps - 1
-    other_face = tiny_pipe.denoise(crops[1:], settings, extras=extras).latents
+    other_face = tiny_pipe.denoise(crops[1:], settings.replace(free_init=True)).latents
     assert differ(other_face, steadied.latents) > 1e-3
     assert torch.equal(run(tiny_pipe, crops, settings), plain)
 
@@ -238,7 +237,7 @@ def test_free_init_can_be_stopped(tiny_pipe, crops, settings):
     asked = []
     with pytest.raises(GenerationCancelled):
         tiny_pipe.denoise(
-            crops[:1], settings, extras=Extras(free_init=True), should_stop=lambda: asked.append(1) or len(asked) > 4
+            crops[:1], settings.replace(free_init=True), should_stop=lambda: asked.append(1) or len(asked) > 4
         )
     assert len(asked) == 5  # once before the run, then at every step: 2 of the first pass, 2 of the second, 1
 
@@ -248,7 +247,7 @@ def test_free_init_can_be_stopped(tiny_pipe, crops, settings):
 
 @pytest.fixture(scope="module")
 def long_settings(settings):
-    return replace(settings, num_frames=40, steps=1)  # over the motion module's 32 (validate() allows 32 today)
+    return settings.replace(num_frames=40, steps=1)  # over the motion module's 32 (validate() allows 32 today)
 
 
 @pytest.fixture(scope="module")
@@ -298,16 +297,16 @@ def test_free_noise_windows_only_the_temporal_blocks_and_comes_off(tiny_pipe, lo
 
     unet = tiny_pipe.pipe.unet
     norms = [name for name, m in unet.named_modules() if type(m) is PerFrameGroupNorm]
-    with longvideo.applied(tiny_pipe, long_settings, Extras(), Call(tiny_pipe.pipe)):
+    with longvideo.long_video(tiny_pipe.pipe, long_settings.num_frames):
         assert [name for name, m in unet.named_modules() if type(m) is PerFrameGroupNorm] == norms
         assert any(isinstance(m, FreeNoiseTransformerBlock) for m in unet.modules())
         assert any(isinstance(m, longvideo.FaceSplitInference) for m in unet.modules())
-    with longvideo.applied(tiny_pipe, replace(long_settings, num_frames=32), Extras(), Call(tiny_pipe.pipe)):
+    with longvideo.long_video(tiny_pipe.pipe, 32):
         assert not tiny_pipe.pipe.free_noise_enabled  # up to the window: nothing to do
 
 
 def test_a_long_video_decodes_a_chunk_at_a_time(tiny_pipe, crops, settings):
-    latents = tiny_pipe.denoise(crops[:1], replace(settings, num_frames=12)).latents
+    latents = tiny_pipe.denoise(crops[:1], settings.replace(num_frames=12)).latents
     chunks = list(longvideo.decode_in_chunks(tiny_pipe, latents, chunk=5))
     assert [len(c) for c in chunks] == [5, 5, 2]
     whole = tiny_pipe.decode(latents)
@@ -315,12 +314,12 @@ def test_a_long_video_decodes_a_chunk_at_a_time(tiny_pipe, crops, settings):
 
 
 def test_the_time_estimate_counts_steps_guidance_passes_pixels_and_windows():
-    base = GenerationSettings(prompt="x", num_frames=16, steps=10, guidance_scale=8, height=512, width=512)
+    base = GenerationRequest(prompt="x", num_frames=16, steps=10, guidance_scale=8, height=512, width=512)
     one = longvideo.estimate_seconds(base, 0.5)
     assert one == pytest.approx(0.5 * 10 * 2 * 16)
-    assert longvideo.estimate_seconds(replace(base, guidance_scale=1), 0.5) == pytest.approx(one / 2)
-    assert longvideo.estimate_seconds(base, 0.5, Extras(free_init=True)) == pytest.approx(one * 3)
-    assert longvideo.estimate_seconds(replace(base, height=256), 0.5, Extras()) == pytest.approx(one / 2)
-    long = longvideo.estimate_seconds(replace(base, num_frames=128), 0.5)
+    assert longvideo.estimate_seconds(base.replace(guidance_scale=1), 0.5) == pytest.approx(one / 2)
+    assert longvideo.estimate_seconds(base.replace(free_init=True), 0.5) == pytest.approx(one * 3)
+    assert longvideo.estimate_seconds(base.replace(height=256), 0.5) == pytest.approx(one / 2)
+    long = longvideo.estimate_seconds(base.replace(num_frames=128), 0.5)
     windows = len(range(0, 128 - 16 + 1, 4))  # 29 windows of 16 frames: most frames are in 4 of them
     assert long == pytest.approx(one / 16 * (128 * 0.9 + windows * 16 * 0.1))

@@ -28,7 +28,7 @@ from idanimator.face import (
     detect_faces,
     get_detector,
 )
-from idanimator.images import describe_source, load_image
+from idanimator.images import cover_crop, describe_source, load_image
 
 # The astronaut's face box as retinaface finds it in the 512 x 512 photo (x1, y1, x2, y2).
 ASTRONAUT_BOX = (177, 56, 272, 176)
@@ -467,3 +467,12 @@ def test_binary_file_named_png_is_rejected(tmp_path):
 def test_one_pixel_image_is_rejected(detector):
     with pytest.raises(InvalidImageError, match="1x1"):
         crop_face(Image.new("RGB", (1, 1)), detector)
+
+
+def test_cover_crop_fills_the_frame_and_keeps_the_centre(astronaut_path):
+    photo = load_image(astronaut_path)  # 512 x 512
+    wide = cover_crop(photo, 256, 64)  # scaled to 256 x 256, the middle band kept
+    assert wide.size == (256, 64) and wide.mode == "RGB"
+    middle = np.asarray(photo.resize((256, 256), Image.Resampling.BICUBIC))[96:160]
+    assert np.abs(np.asarray(wide).astype(int) - middle).mean() < 1
+    assert cover_crop(Image.new("L", (40, 30)), 80, 80).size == (80, 80)  # small and grey: enlarged, RGB

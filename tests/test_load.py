@@ -23,7 +23,7 @@ def rss_mb(pid: int) -> float:
 
 
 def generate(url, face, seed):
-    return generate_over_http(Client(url, verbose=False), face, seed)
+    return generate_over_http(Client(url, verbose=False), face, seed=seed)
 
 
 @pytest.fixture(scope="module")

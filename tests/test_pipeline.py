@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from idanimator.errors import GenerationCancelled, InvalidRequestError
-from idanimator.testing import TINY_SETTINGS
+from idanimator.tiny import TINY_SETTINGS
 from tests.helpers import read_video
 
 
@@ -177,11 +177,11 @@ def test_ordinary_prompts_fit_the_tiny_tokenizer_as_they_fit_clips(tiny_pipe, cr
 
 def test_long_prompts_reach_the_tokenizer_whole(tiny_pipe):
     """Cut by the tokenizer's own truncation inside the pipeline, never decoded and encoded again here."""
-    from idanimator.settings import GenerationSettings
+    from idanimator.request import GenerationRequest
 
-    settings = GenerationSettings(prompt="a very long prompt " * 40).validate()
+    settings = GenerationRequest(prompt="a very long prompt " * 40).validate()
     warnings = []
-    prompt, negative = tiny_pipe._final_prompts(settings, warnings)
+    prompt, negative = tiny_pipe._final_prompts(settings, warnings)  # what denoise() hands diffusers
     assert prompt == settings.prompt + " 8k uhd, high quality, medium shot"
     assert negative.startswith("(deformed iris") and negative.endswith("UnrealisticDream long shots, full body")
     assert len(warnings) == 1
@@ -219,7 +219,7 @@ def test_empty_prompt_is_refused(tiny_pipe, crops):
 
 def test_control_characters_emoji_and_other_scripts(tiny_pipe, crops):
     result = tiny_pipe(crops[:1], "un homme\x00\x07 qui sourit 😀 宇航员", **{**TINY_SETTINGS, "seed": 1})
-    assert "\x00" not in result.settings.prompt and "😀" in result.settings.prompt
+    assert "\x00" not in result.request.prompt and "😀" in result.request.prompt
 
 
 def test_single_file_backbone_gives_the_same_video_as_its_folder(tiny_kit, tiny_pipe, crops, detector):
@@ -240,21 +240,35 @@ def test_converted_checkpoint_generates_the_identical_video(tiny_kit, tiny_pipe,
 
 
 def test_decoding_in_chunks_gives_the_same_frames(tiny_pipe, crops):
-    from idanimator.settings import GenerationSettings
+    from idanimator.request import GenerationRequest
 
-    settings = GenerationSettings(prompt="a man", seed=5, **TINY_SETTINGS).validate()
-    whole = tiny_pipe(crops[:1], **settings.as_dict()).frames
+    settings = GenerationRequest(prompt="a man", seed=5, **TINY_SETTINGS).validate()
+    whole = tiny_pipe(crops[:1], request=settings).frames
     latents = tiny_pipe.denoise(crops[:1], settings).latents
     parts = np.concatenate([tiny_pipe.decode(latents, i, i + 3) for i in range(0, 8, 3)])
     np.testing.assert_allclose(parts, whole, atol=1e-5)
 
 
 def test_whole_numbers_sent_as_floats_become_integers():
-    from idanimator.settings import GenerationSettings
+    from idanimator.request import GenerationRequest
 
-    settings = GenerationSettings(prompt="a man", num_frames=10.0, steps=3.0, height=64.0, width=64, seed=7.0)
+    settings = GenerationRequest(prompt="a man", num_frames=10.0, steps=3.0, height=64.0, width=64, seed=7.0)
     checked = settings.validate()
     assert (checked.num_frames, checked.steps, checked.height, checked.seed) == (10, 3, 64, 7)
     assert all(type(v) is int for v in (checked.num_frames, checked.steps, checked.height, checked.seed))
     with pytest.raises(InvalidRequestError, match="whole number"):
-        GenerationSettings(prompt="a man", num_frames=10.5).validate()
+        GenerationRequest(prompt="a man", num_frames=10.5).validate()
+
+
+def test_a_request_is_validated_once_and_given_whole_or_by_name(tiny_pipe, crops):
+    from idanimator.request import GenerationRequest
+
+    request = GenerationRequest(prompt="a man", seed=5, **TINY_SETTINGS).validate()
+    assert request.validate() is request  # checked once: a validated request is not checked again
+    assert request.replace(steps=3).validate() is not request
+    by_name = tiny_pipe(crops[:1], "a man", seed=5, **TINY_SETTINGS).frames
+    assert np.array_equal(tiny_pipe(crops[:1], request=request).frames, by_name)
+    with pytest.raises(InvalidRequestError, match="Unknown setting"):
+        tiny_pipe(crops[:1], "a man", num_franes=8)
+    with pytest.raises(InvalidRequestError, match="either as a request or by name"):
+        tiny_pipe(crops[:1], "a man", request=request)

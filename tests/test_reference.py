@@ -10,7 +10,6 @@ tiny random kit are used as black boxes where the reference cannot avoid them.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 
@@ -237,7 +236,14 @@ def test_negative_prompt_gets_the_releases_suffix(tiny_pipe, detector, astronaut
     """The default negative prompt fills the tiny tokenizer's 77 tokens, so its suffix is checked on a short one."""
     steps, negative = 3, "blurry"
     result = tiny_pipe(
-        [astronaut_path], PROMPT, negative, num_frames=4, steps=steps, height=SIZE, width=SIZE, seed=SEED
+        [astronaut_path],
+        PROMPT,
+        negative_prompt=negative,
+        num_frames=4,
+        steps=steps,
+        height=SIZE,
+        width=SIZE,
+        seed=SEED,
     )
     expected = release_video(
         tiny_pipe.pipe,
@@ -292,33 +298,35 @@ def test_motion_module_norms_run_per_frame_in_the_loaded_unet(tiny_pipe):
 
 def test_cli_defaults_are_the_releases():
     from idanimator.cli import build_parser
-    from idanimator.cli.generate import settings_from_args
+    from idanimator.cli.generate import request_from_args
 
     args = build_parser().parse_args(["generate", "--face", "x", "--prompt", "p", "--out", "o.mp4"])
-    settings_from_args(args)  # steps and guidance: the release's unless --fast
-    assert args.negative_prompt == RELEASE_NEGATIVE_PROMPT
-    assert args.num_frames == RELEASE_FRAMES
-    assert args.steps == RELEASE_STEPS
-    assert args.guidance_scale == RELEASE_GUIDANCE
-    assert args.id_scale == RELEASE_ID_SCALE
-    assert (args.height, args.width) == (RELEASE_HEIGHT, RELEASE_WIDTH)
-    assert args.fps == RELEASE_FPS
-    assert args.add_prompt_suffix is True
-    assert args.seed is None
+    request = request_from_args(args).validate()  # steps and guidance: the release's unless --fast
+    assert request.negative_prompt == RELEASE_NEGATIVE_PROMPT
+    assert request.num_frames == RELEASE_FRAMES
+    assert request.steps == RELEASE_STEPS
+    assert request.guidance_scale == RELEASE_GUIDANCE
+    assert request.id_scale == RELEASE_ID_SCALE
+    assert (request.height, request.width) == (RELEASE_HEIGHT, RELEASE_WIDTH)
+    assert request.fps == RELEASE_FPS
+    assert request.add_prompt_suffix is True
+    assert request.seed is None
 
 
-def test_pipeline_call_defaults_are_the_releases():
-    from idanimator.pipeline import IDAnimatorPipeline
+def test_library_request_defaults_are_the_releases():
+    """What ``pipe(faces, prompt)`` leaves out is the request's default."""
+    from idanimator.request import GenerationRequest
 
-    defaults = {name: p.default for name, p in inspect.signature(IDAnimatorPipeline.__call__).parameters.items()}
-    assert defaults["negative_prompt"] == RELEASE_NEGATIVE_PROMPT
-    assert defaults["num_frames"] == RELEASE_FRAMES
-    assert defaults["steps"] == RELEASE_STEPS
-    assert defaults["guidance_scale"] == RELEASE_GUIDANCE
-    assert defaults["id_scale"] == RELEASE_ID_SCALE
-    assert (defaults["height"], defaults["width"]) == (RELEASE_HEIGHT, RELEASE_WIDTH)
-    assert defaults["add_prompt_suffix"] is True
-    assert defaults["seed"] is None
+    defaults = GenerationRequest(prompt="p")
+    assert defaults.negative_prompt == RELEASE_NEGATIVE_PROMPT
+    assert defaults.num_frames == RELEASE_FRAMES
+    assert defaults.steps == RELEASE_STEPS
+    assert defaults.guidance_scale == RELEASE_GUIDANCE
+    assert defaults.id_scale == RELEASE_ID_SCALE
+    assert (defaults.height, defaults.width) == (RELEASE_HEIGHT, RELEASE_WIDTH)
+    assert defaults.fps == RELEASE_FPS
+    assert defaults.add_prompt_suffix is True
+    assert defaults.seed is None
 
 
 def test_app_starting_values_are_the_releases(monkeypatch, tmp_path):

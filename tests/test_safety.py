@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from idanimator.testing import build_tiny_kit
+from idanimator.tiny import build_tiny_kit
 
 
 def test_hf_token_is_sent_to_the_hub_but_never_printed(tmp_path):

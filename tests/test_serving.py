@@ -14,7 +14,8 @@ from gradio_client import Client
 
 from idanimator.errors import InvalidRequestError
 from idanimator.outputs import FOLDER_NAME, OutputFolder
-from idanimator.settings import MAX_TEXT_CHARS, GenerationSettings, ServingLimits
+from idanimator.request import GenerationRequest
+from idanimator.settings import MAX_TEXT_CHARS, ServingLimits
 
 from .helpers import generate_over_http, moving_face_video, read_video, running_app
 from .test_load import rss_mb
@@ -92,15 +93,15 @@ def test_a_huge_prompt_is_refused_at_once_without_growing_the_server(served, ast
 def test_texts_over_the_limit_are_one_sentence_before_they_are_read(field):
     values = {"prompt": "a person", field: "x" * (MAX_TEXT_CHARS + 1)}
     with pytest.raises(InvalidRequestError, match=f"at most {MAX_TEXT_CHARS:,}"):
-        GenerationSettings(**values).validate()
+        GenerationRequest(**values).validate()
     values[field] = "x" * MAX_TEXT_CHARS
-    assert GenerationSettings(**values).validate()
+    assert GenerationRequest(**values).validate()
 
 
 def test_one_visitor_cannot_fill_the_queue_but_another_still_gets_in(served, astronaut_path):
     url, proc, _ = served
     client = Client(url, verbose=False)
-    jobs = [generate_over_http(client, astronaut_path, frames=16, steps=40, submit=True) for _ in range(2)]
+    jobs = [generate_over_http(client, astronaut_path, num_frames=16, steps=40, submit=True) for _ in range(2)]
     time.sleep(1.0)  # both are in the queue (or running)
     with pytest.raises(httpx.HTTPStatusError) as refused:  # the page shows the detail as its message
         generate_over_http(client, astronaut_path)
@@ -118,11 +119,11 @@ def test_the_operators_caps_are_sentences_for_api_callers(served, astronaut_path
     url, proc, _ = served
     client = Client(url, verbose=False)
     with pytest.raises(Exception, match="greater than maximum value 16"):  # the slider's range is the cap
-        generate_over_http(client, astronaut_path, frames=17)
+        generate_over_http(client, astronaut_path, num_frames=17)
     with pytest.raises(Exception, match="greater than maximum value 40"):
         generate_over_http(client, astronaut_path, steps=41)
     with pytest.raises(Exception, match="times the work of a default video"):
-        generate_over_http(client, astronaut_path, frames=16, steps=40, resolution="64x96 (tiny)")
+        generate_over_http(client, astronaut_path, num_frames=16, steps=40, resolution="64x96 (tiny)")
     assert proc.poll() is None
 
 
@@ -175,11 +176,11 @@ def crafted_videos(tmp_path_factory) -> dict:
     return made
 
 
-def driven_by(video) -> tuple:
-    """The page's inputs beyond the release: canny edges from ``video``."""
+def driven_by(video) -> dict:
+    """The page's control inputs: canny edges from ``video``."""
     from gradio_client import handle_file
 
-    return (False, False, [], 1.0, "canny", [], "", handle_file(str(video)), 1.0)
+    return {"control": "canny", "control_video": handle_file(str(video))}
 
 
 def test_a_frame_size_bomb_as_driving_video_is_decoded_small_or_refused(
@@ -187,13 +188,13 @@ def test_a_frame_size_bomb_as_driving_video_is_decoded_small_or_refused(
 ):
     url, proc, _ = served
     client = Client(url, verbose=False)
-    generate_over_http(client, astronaut_path, extras=driven_by(moving_face_video(tmp_path, 8)))
+    generate_over_http(client, astronaut_path, **driven_by(moving_face_video(tmp_path, 8)))
     before = rss_mb(proc.pid)  # after one run: the control model is loaded
-    video = generate_over_http(client, astronaut_path, extras=driven_by(crafted_videos["bomb.mp4"]))[2]
+    video = generate_over_http(client, astronaut_path, **driven_by(crafted_videos["bomb.mp4"]))[2]
     assert read_video(video).shape[0] == 8  # downscaled in the decoder to the video's 64x64
     assert rss_mb(proc.pid) - before < 200  # at full size, 32 frames of 4096x4096 took 2.3 GB
     with pytest.raises(Exception, match="8192x8192, more than the"):
-        generate_over_http(client, astronaut_path, extras=driven_by(crafted_videos["huge.mp4"]))
+        generate_over_http(client, astronaut_path, **driven_by(crafted_videos["huge.mp4"]))
     assert proc.poll() is None
 
 
@@ -202,7 +203,7 @@ def test_a_self_referencing_concat_file_is_not_followed(served, crafted_videos, 
     client = Client(url, verbose=False)
     started = time.monotonic()
     with pytest.raises(Exception, match="is not a video file that can be read here"):
-        generate_over_http(client, astronaut_path, extras=driven_by(crafted_videos["loop.mp4"]))
+        generate_over_http(client, astronaut_path, **driven_by(crafted_videos["loop.mp4"]))
     assert time.monotonic() - started < 30
     assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 200  # it once ran out of file handles
     assert proc.poll() is None

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from idanimator.errors import CheckpointError
-from idanimator.testing.single_file import convert_unet_to_ldm, convert_vae_to_ldm, export_single_file
+from idanimator.tiny.single_file import convert_unet_to_ldm, convert_vae_to_ldm, export_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from idanimator.errors import GenerationCancelled, InvalidRequestError, NoFaceError
+from idanimator.request import ControlSpec, GenerationRequest, KeyFrame, LoraSpec
 from idanimator.studio import (
     SEGMENT_FRAMES,
     Finished,
     Job,
     OutputFolder,
     Progress,
-    Request,
     Segment,
     Studio,
     StudioOptions,
@@ -33,9 +33,9 @@ def studio(tiny_kit, detector, tmp_path_factory):
     )
 
 
-def request(face, **overrides):
+def request(face, **overrides) -> tuple[list, GenerationRequest]:
+    """The photos and the request, as the page hands them to the studio."""
     values = dict(
-        faces=[face],
         prompt="a man smiling",
         backbone="tiny",
         seed=11,
@@ -45,11 +45,11 @@ def request(face, **overrides):
         height=64,
         width=64,
     )
-    return Request(**{**values, **overrides})
+    return [face], GenerationRequest(**{**values, **overrides})
 
 
 def finish(studio, req, **kwargs):
-    events = list(studio.run(req, **kwargs))
+    events = list(studio.run(*req, **kwargs))
     assert isinstance(events[-1], Finished)
     return events
 
@@ -117,7 +117,9 @@ def test_a_request_with_every_option_leaves_the_next_plain_video_as_it_was(studi
     drive = moving_face_video(tmp_path, 8)
     plain = read_video(finish(studio, request(astronaut_path))[-1].video)
     lora = next(iter(studio.loras()))
-    options = dict(fast=True, free_init=True, loras=[f"{lora}:0.7"], control="canny", control_video=str(drive))
+    options = dict(
+        fast=True, free_init=True, loras=(LoraSpec(lora, 0.7),), control=ControlSpec("canny", video=str(drive))
+    )
     with_options = read_video(finish(studio, request(astronaut_path, **options))[-1].video)
     assert not np.array_equal(with_options, plain)
     assert np.array_equal(read_video(finish(studio, request(astronaut_path))[-1].video), plain)
@@ -125,11 +127,9 @@ def test_a_request_with_every_option_leaves_the_next_plain_video_as_it_was(studi
 
 def test_options_are_checked_with_a_sentence_before_any_work(studio, astronaut_path):
     with pytest.raises(InvalidRequestError, match="Unknown LoRA 'nope'"):
-        studio.prepare(request(astronaut_path, loras=["nope"]))
-    with pytest.raises(InvalidRequestError, match="Give one frame for each of the 2 control images"):
-        studio.prepare(
-            request(astronaut_path, control="sparse-rgb", control_images=[astronaut_path] * 2, control_frames="3")
-        )
+        studio.prepare(*request(astronaut_path, loras=(LoraSpec("nope"),)))
+    with pytest.raises(InvalidRequestError, match="placed at frame 8, outside the video's frames 0-7"):
+        studio.prepare(*request(astronaut_path, control=ControlSpec("sparse-rgb", (KeyFrame(astronaut_path, 8),))))
 
 
 def test_second_request_does_not_reload_models(studio, astronaut_path):
@@ -168,14 +168,14 @@ def test_face_embeddings_are_cached_across_requests_and_backbones(studio, astron
 
 def test_unknown_or_custom_backbones_are_refused_on_a_public_server(studio, astronaut_path):
     with pytest.raises(InvalidRequestError, match="pick one from the list"):
-        list(studio.run(request(astronaut_path, backbone="/etc/passwd")))
+        list(studio.run(*request(astronaut_path, backbone="/etc/passwd")))
     with pytest.raises(InvalidRequestError, match="switched off"):
-        studio.prepare(request(astronaut_path, custom_backbone="/some/local/model.safetensors"))
+        studio.prepare(*request(astronaut_path, backbone="/some/local/model.safetensors"))
 
 
 def test_no_face_is_an_error_and_the_next_request_works(studio, no_face_path, astronaut_path):
     with pytest.raises(NoFaceError):
-        list(studio.run(request(no_face_path)))
+        list(studio.run(*request(no_face_path)))
     finish(studio, request(astronaut_path))
 
 
@@ -183,7 +183,7 @@ def test_stop_ends_the_run_at_the_next_step_and_the_next_request_works(studio, a
     stop = threading.Event()
     seen = []
     with pytest.raises(GenerationCancelled):
-        for event in studio.run(request(astronaut_path, steps=20), stop=stop, preview_every=100):
+        for event in studio.run(*request(astronaut_path, steps=20), stop=stop, preview_every=100):
             seen.append(event)
             stop.set()
     assert len([e for e in seen if isinstance(e, Progress)]) < 20
@@ -193,7 +193,7 @@ def test_stop_ends_the_run_at_the_next_step_and_the_next_request_works(studio, a
 def test_out_of_range_values_from_the_api_are_refused(studio, astronaut_path):
     for overrides in ({"num_frames": 999}, {"height": 4096}, {"fps": 0}, {"guidance_scale": float("nan")}):
         with pytest.raises(InvalidRequestError):
-            list(studio.run(request(astronaut_path, **overrides)))
+            list(studio.run(*request(astronaut_path, **overrides)))
 
 
 def test_output_folder_is_pruned_by_count_and_age(tmp_path):
@@ -225,7 +225,7 @@ def test_cuda_out_of_memory_is_caught_memory_freed_and_the_next_request_runs(stu
 
     monkeypatch.setattr(pipe, "denoise", out_of_memory)
     with pytest.raises(GPUOutOfMemoryError, match="fewer frames"):
-        list(studio.run(request(astronaut_path)))
+        list(studio.run(*request(astronaut_path)))
     assert studio.service.current_backbone is None  # the pipeline was dropped and memory released
     finish(studio, request(astronaut_path))  # rebuilt, works
 
@@ -236,35 +236,34 @@ def test_uploaded_photos_are_previewed_with_a_sentence_for_each_bad_one(studio, 
     assert face_strip(crops * 2).size == (300, 150) and face_strip([]) is None
     assert notes == ["No face was found in coffee.png; use a clear, front-facing photo of one person."]
     with pytest.raises(NoFaceError) as caught:  # and a request names the photo, not the server's path
-        studio.prepare(request(str(no_face_path)))
+        studio.prepare(*request(str(no_face_path)))
     assert str(no_face_path.parent) not in str(caught.value)
 
 
 def test_values_from_widgets_or_the_api_are_coerced_or_refused(studio, astronaut_path):
-    job = studio.prepare(request(astronaut_path, num_frames=10.0, steps="2", seed=7.0, fps=8.0))
-    assert (job.settings.num_frames, job.settings.steps, job.settings.seed, job.fps) == (10, 2, 7, 8)
+    job = studio.prepare(*request(astronaut_path, num_frames=10.0, steps="2", seed=7.0, fps=8.0))
+    assert (job.request.num_frames, job.request.steps, job.request.seed, job.request.fps) == (10, 2, 7, 8)
     for overrides in ({"num_frames": 8.5}, {"steps": "many"}, {"seed": -5}, {"fps": None}):
         with pytest.raises(InvalidRequestError):
-            studio.prepare(request(astronaut_path, **overrides))
+            studio.prepare(*request(astronaut_path, **overrides))
 
 
 def test_a_prepared_job_crosses_a_process_boundary_and_sizes_its_gpu_time(studio, astronaut_path):
     import pickle
 
-    job = pickle.loads(pickle.dumps(studio.prepare(request(astronaut_path))))
+    job = pickle.loads(pickle.dumps(studio.prepare(*request(astronaut_path))))
     assert isinstance(job, Job) and job.crops[0].image.size == (224, 224)
     events = pickle.loads(pickle.dumps(list(studio.execute(job))))  # what a ZeroGPU worker sends back
     assert read_video(events[-1].video).shape == (8, 64, 64, 3)
     assert 30 <= job.gpu_seconds() < 60
-    big = Job(settings=job.settings, crops=[], backbone="", fps=8)
-    big.settings = type(job.settings)(prompt="x", num_frames=32, steps=100, height=768, width=512)
+    big = Job(request=GenerationRequest(prompt="x", num_frames=32, steps=100, height=768, width=512), crops=[])
     assert big.gpu_seconds() == 300
 
 
 def test_without_loading_in_prepare_the_pipeline_is_built_by_execute(tiny_kit, detector, astronaut_path, tmp_path):
     options = StudioOptions(tiny=True, device="cpu", output_dir=tmp_path, load_in_prepare=False)  # as on ZeroGPU
     engine = Studio(options, detector=detector)
-    job = engine.prepare(request(astronaut_path, backbone="tiny-single-file"))
+    job = engine.prepare(*request(astronaut_path, backbone="tiny-single-file"))
     assert engine.service.current_backbone is None and engine.service.loads["backbone"] == 0
     assert read_video(list(engine.execute(job))[-1].video).shape[0] == 8
     assert engine.service.loads["backbone"] == 1
@@ -283,6 +282,6 @@ def test_operators_can_load_a_local_backbone(tiny_kit, detector, astronaut_path,
     engine = Studio(
         StudioOptions(tiny=True, device="cpu", output_dir=tmp_path, allow_custom_backbones=True), detector=detector
     )
-    done = finish(engine, request(astronaut_path, custom_backbone=str(tiny_kit["single_file"])))[-1]
+    done = finish(engine, request(astronaut_path, backbone=str(tiny_kit["single_file"])))[-1]
     assert read_video(done.video).shape[0] == 8
     assert engine.service.current_backbone == str(tiny_kit["single_file"])

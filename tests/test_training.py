@@ -16,22 +16,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from idanimator.cli import main
-from idanimator.testing import TINY_SETTINGS
-from idanimator.training import loop
-from idanimator.training.data import (
+from idanimator.tiny import TINY_SETTINGS
+from idanimator.training import train as loop
+from idanimator.training.adapter_training import (
+    FaceAdapterTrainingModel,
+    TrainableFaceAdapter,
+    read_initial_adapter,
+)
+from idanimator.training.dataset import (
     ClipDataset,
     Dropout,
+    PoolFace,
     collate,
+    draw_references,
     load_clips,
     read_frames,
     sample_window,
     stride_note,
 )
-from idanimator.training.init import read_initial_adapter
-from idanimator.training.modules import FaceAdapterTrainingModel, TrainableFaceAdapter
-from idanimator.training.objective import diffusion_loss, micro_step_generator
-from idanimator.training.parts import load_frozen_parts
-from idanimator.training.references import PoolFace, draw_references
+from idanimator.training.train import diffusion_loss, load_frozen_parts, micro_step_generator
 
 FRAMES, STRIDE, SIZE = 4, 2, 64
 FACE_FRAMES = (0, 6, 12, 18)
@@ -113,7 +116,7 @@ def test_a_reference_is_never_a_denoised_frames_face_when_the_pool_has_others():
 
 
 def test_samples_take_references_from_their_own_clip_only(data_dir, tiny_kit):
-    from idanimator.training.parts import clip_image_processor
+    from idanimator.images import clip_image_processor
 
     dataset = _dataset(data_dir, clip_image_processor(), num_references=2)
     assert [c.clip_id for c in dataset.clips] == ["a", "b"]

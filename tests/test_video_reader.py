@@ -19,7 +19,7 @@ import pytest
 from idanimator import video
 from idanimator.errors import InvalidRequestError, UnreadableVideoError, VideoTooLargeError
 from idanimator.extras.conditions import preview_condition, read_video_frames
-from idanimator.extras.spec import ControlSpec
+from idanimator.request import ControlSpec
 from idanimator.settings import MAX_DECODED_PIXELS, MAX_SOURCE_PIXELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_a_read_over_the_pixel_budget_is_refused_before_decoding(files):
 _MEASURE = """
 import json, resource, sys
 from idanimator.extras.conditions import preview_condition
-from idanimator.extras.spec import ControlSpec
+from idanimator.request import ControlSpec
 preview_condition(ControlSpec("canny", video=sys.argv[2]), 2, (64, 64))  # imports and a first read, at rest
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 images = preview_condition(ControlSpec("canny", video=sys.argv[1]), 8, (512, 512))
@@ -158,7 +158,7 @@ def test_a_huge_driving_video_is_shrunk_in_the_decoder_and_costs_little_memory(f
 
 def test_a_variable_frame_rate_file_gives_the_same_frames_to_build_dataset_and_training(files):
     from idanimator.data.decode import read_frames as dataset_frames
-    from idanimator.training.data import read_frames as training_frames
+    from idanimator.training.dataset import read_frames as training_frames
 
     every = video.read_video(files["vfr.mp4"]).frames
     assert len(every) == 50  # passthrough: no frame repeated to fill the pause, none dropped

@@ -12,7 +12,7 @@ import pytest
 from idanimator import registry
 from idanimator.errors import WeightsUnavailableError
 from idanimator.registry import HubFile, HubFolder
-from idanimator.weights import hub_reachable, parse_source, resolve
+from idanimator.weights import hub_reachable, parse_hub_id, parse_source, resolve
 
 
 def test_registry_names_and_hub_ids_parse():
@@ -21,6 +21,15 @@ def test_registry_names_and_hub_ids_parse():
     assert parse_source("owner/repo/sub/model.safetensors") == HubFile("owner/repo", "sub/model.safetensors")
     assert parse_source("owner/repo@v1.0") == HubFolder("owner/repo", revision="v1.0")
     assert parse_source("owner/repo/m.safetensors@abc") == HubFile("owner/repo", "m.safetensors", revision="abc")
+
+
+def test_one_hub_id_parser_reads_repos_files_and_revisions_and_nothing_else():
+    assert parse_hub_id("owner/repo@main") == HubFolder("owner/repo", revision="main")
+    assert parse_hub_id("owner/repo/a/b.CKPT") == HubFile("owner/repo", "a/b.CKPT")
+    assert parse_hub_id("owner/repo/ip.bin", file_suffixes=(".bin",)) == HubFile("owner/repo", "ip.bin")
+    assert parse_hub_id("owner/repo/ip.bin") is None  # a pickle is not a single-file checkpoint we load
+    for local_or_nothing in ("./owner/repo", "/owner/repo", "~/owner/repo", "repo", "own er/repo", "a/b/c"):
+        assert parse_hub_id(local_or_nothing) is None
 
 
 def test_local_paths_win(tmp_path):

@@ -12,7 +12,7 @@ import sys
 
 from ..console import quiet_libraries, quiet_loading_bars
 from ..errors import IDAnimatorError
-from . import data, generate, measure, weights
+from . import build_and_train, evaluate, generate, model_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Run 'idanimator COMMAND --help' (or 'python -m idanimator COMMAND --help') for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, measure, data, weights):
+    for command in (generate, evaluate, build_and_train, model_files):
         command.add_parser(sub)
     return parser
 

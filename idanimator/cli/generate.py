@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from .. import registry
-from .. import settings as limits
+from .. import registry, settings
 from ..console import quiet_loading_bars
 from ..errors import IDAnimatorError
-from ..extras.spec import CONTROL_KINDS, CONTROL_STRENGTH, FAST_GUIDANCE, FAST_STEPS
 from ..prompts import DEFAULT_NEGATIVE_PROMPT
-from ..settings import OFFLOAD_MODES
+from ..request import CONTROL_KINDS
 from .common import DETECTORS, HelpWithDefaults
 
 _BATCH_FLAGS = ("faces_dir", "prompts", "out_dir")
-DECODE_FRAMES = 8  # frames decoded (and written) at a time
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -30,9 +26,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..video import check_output_path
 
     # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
-    settings = settings_from_args(args).validate()
-    extras = _check_loras(extras_from_args(args).validate(settings.num_frames))
-    fps = limits.FPS.check(args.fps)
+    request = _check_loras(request_from_args(args).validate())
     check_output_path(args.out)
 
     from ..face import crop_face, get_detector
@@ -43,8 +37,8 @@ def _generate(args: argparse.Namespace) -> int:
     crops = [crop_face(face, detector) for face in args.face]
     pipe = _load_pipeline(args, detector)
     with out_of_memory_guard():
-        result = pipe.denoise(crops, settings, extras=extras)
-        out = _write_video(pipe, result.latents, args.out, fps)
+        result = pipe.denoise(crops, request)
+        out = _write_video(pipe, result.latents, args.out, request.fps)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"seed: {result.seed}")
@@ -60,48 +54,42 @@ def _write_video(pipe, latents, out: Path, fps: int) -> Path:
     if out.suffix.lower() != ".mp4":
         return save_video(pipe.decode(latents), out, fps=fps)
     with Mp4Writer(out, fps=fps) as writer:
-        for chunk in decode_in_chunks(pipe, latents, DECODE_FRAMES):
+        for chunk in decode_in_chunks(pipe, latents):
             writer.write(chunk)
     return writer.path
 
 
-def settings_from_args(args: argparse.Namespace):
-    """The settings the flags ask for (not validated yet). Steps and guidance not given are the release's, or
-    the fast mode's own with --fast."""
-    from ..settings import GenerationSettings
+def request_from_args(args: argparse.Namespace, **changes):
+    """The request the flags ask for, by field name (not validated yet): each flag's ``dest`` is the field it
+    sets. Steps and guidance not given are the release's, or the fast mode's own with --fast."""
+    from ..request import ControlSpec, GenerationRequest, KeyFrame, LoraSpec
 
-    if args.steps is None:
-        args.steps = FAST_STEPS if args.fast else limits.STEPS.default
-    if args.guidance_scale is None:
-        args.guidance_scale = FAST_GUIDANCE if args.fast else limits.GUIDANCE.default
-    return GenerationSettings.taken_from(args)
+    fields = {name: getattr(args, name) for name in GenerationRequest.__dataclass_fields__ if hasattr(args, name)}
+    if fields.get("steps") is None:
+        fields["steps"] = settings.FAST_STEPS if args.fast else settings.STEPS.default
+    if fields.get("guidance_scale") is None:
+        fields["guidance_scale"] = settings.FAST_GUIDANCE if args.fast else settings.GUIDANCE.default
+    if args.control is not None:
+        keyframes = tuple(KeyFrame.parse(text) for text in args.control_image or ())
+        fields["control"] = ControlSpec(args.control, keyframes, args.control_video, args.control_strength)
+    elif args.control_image or args.control_video:
+        raise IDAnimatorError("--control-image and --control-video need --control KIND.")
+    fields["loras"] = tuple(LoraSpec.parse(text) for text in args.lora or ())
+    fields["backbone"] = args.backbone or ""
+    return GenerationRequest(**{**fields, **changes})
 
 
-def _check_loras(extras):
+def _check_loras(request):
     """A LoRA file that is missing (or a pickle) is refused before anything loads; Hub ids are checked later."""
     from ..extras.lorafiles import check_source
 
-    for lora in extras.loras:
+    for lora in request.loras:
         check_source(lora.source)
-    return extras
-
-
-def extras_from_args(args: argparse.Namespace):
-    """The options beyond the release, as the library takes them (not validated yet)."""
-    from ..extras.spec import ControlSpec, Extras, KeyFrame, LoraSpec
-
-    control = None
-    if args.control is not None:
-        keyframes = tuple(KeyFrame.parse(text) for text in args.control_image or ())
-        control = ControlSpec(args.control, keyframes, args.control_video, args.control_strength)
-    elif args.control_image or args.control_video:
-        raise IDAnimatorError("--control-image and --control-video need --control KIND.")
-    loras = tuple(LoraSpec.parse(text) for text in args.lora or ())
-    return Extras(loras=loras, free_init=args.free_init, fast=args.fast, control=control)
+    return request
 
 
 def _generate_batch(args: argparse.Namespace) -> int:
-    from ..eval.batch import (
+    from ..batch import (
         face_photos,
         parse_seeds,
         plan,
@@ -119,21 +107,19 @@ def _generate_batch(args: argparse.Namespace) -> int:
         raise IDAnimatorError(f"A batch also needs {' and '.join(missing)}.")
     # Cheap checks first: every prompt, setting and photo is checked before the model loads.
     prompts = read_prompts(args.prompts)
-    base = settings_from_args(args)
-    settings = [replace(base, prompt=prompt, seed=None).validate() for prompt in prompts][0]
-    extras = _check_loras(extras_from_args(args).validate(settings.num_frames))
-    fps = limits.FPS.check(args.fps)
+    requests = [request_from_args(args, prompt=prompt, seed=None).validate() for prompt in prompts]
+    request = _check_loras(requests[0])
     jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
     todo = still_to_make(jobs, args.out_dir, args.overwrite)
     remove_partials(jobs, args.out_dir)
-    write_manifest(jobs, settings, args.out_dir, fps)
+    write_manifest(jobs, request, args.out_dir)
     if todo:
         from ..face import crop_face, get_detector
 
         quiet_loading_bars()
         detector = get_detector(args.detector)
         crops = {photo: crop_face(photo, detector) for photo in dict.fromkeys(job.face for job in todo)}
-        run_batch(_load_pipeline(args, detector), todo, crops, settings, args.out_dir, fps=fps, extras=extras)
+        run_batch(_load_pipeline(args, detector), todo, crops, request, args.out_dir)
     kept = len(jobs) - len(todo)
     kept_note = f", kept {kept} already there (--overwrite makes them anew)" if kept else ""
     print(f"wrote {len(todo)} videos to {args.out_dir}{kept_note}")
@@ -157,13 +143,9 @@ def _load_pipeline(args: argparse.Namespace, detector):
         offload=args.offload,
         tiny=args.tiny,
         detector=detector,
+        fast_weights=args.fast_weights,
+        control_models={args.control: args.control_model} if args.control_model and args.control else None,
     )
-    if args.fast_weights is not None:
-        pipe.fast_weights = args.fast_weights
-    if args.control_model is not None and args.control is not None:
-        from ..extras.control_models import ControlModels
-
-        pipe.control_models = ControlModels({args.control: args.control_model})
     if pipe.pipe._execution_device.type == "cpu" and not args.tiny:
         print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
     return pipe
@@ -181,7 +163,7 @@ def add_parser(sub) -> None:
         metavar="PHOTO",
         help="a photo of the face; repeat to mix several photos into one identity",
     )
-    gen.add_argument("--prompt")
+    gen.add_argument("--prompt")  # each flag's dest is the GenerationRequest field it sets
     gen.add_argument(
         "--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="the release's by default: %(default).48s..."
     )
@@ -197,17 +179,17 @@ def add_parser(sub) -> None:
     gen.add_argument("--image-encoder", default=None, help="CLIP vision folder or Hub id")
     gen.add_argument("--base", default=None, help="SD1.5 diffusers folder (configs for single-file backbones)")
     gen.add_argument("--seed", type=int, default=None, help="default: a random seed, printed")
-    for flag, dest, limit in (  # dest: the GenerationSettings field each flag sets
-        ("--frames", "num_frames", limits.FRAMES),
-        ("--steps", "steps", limits.STEPS),
-        ("--guidance", "guidance_scale", limits.GUIDANCE),
-        ("--id-scale", "id_scale", limits.ID_SCALE),
-        ("--height", "height", limits.HEIGHT),
-        ("--width", "width", limits.WIDTH),
-        ("--fps", "fps", limits.FPS),
+    for flag, dest, limit in (
+        ("--frames", "num_frames", settings.FRAMES),
+        ("--steps", "steps", settings.STEPS),
+        ("--guidance", "guidance_scale", settings.GUIDANCE),
+        ("--id-scale", "id_scale", settings.ID_SCALE),
+        ("--height", "height", settings.HEIGHT),
+        ("--width", "width", settings.WIDTH),
+        ("--fps", "fps", settings.FPS),
     ):
         kind = int if limit.whole else float
-        fast = {"steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE}.get(dest)
+        fast = {"steps": settings.FAST_STEPS, "guidance_scale": settings.FAST_GUIDANCE}.get(dest)
         gen.add_argument(
             flag,
             dest=dest,
@@ -225,7 +207,7 @@ def add_parser(sub) -> None:
     )
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
-    gen.add_argument("--offload", choices=OFFLOAD_MODES, default="none")
+    gen.add_argument("--offload", choices=settings.OFFLOAD_MODES, default="none")
     gen.add_argument("--detector", choices=DETECTORS, default="auto")
     gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
     more = gen.add_argument_group("beyond the release", "each works with the face adapter on")
@@ -241,7 +223,9 @@ def add_parser(sub) -> None:
     )
     more.add_argument("--control-video", metavar="PATH", help="the driving video of openpose, depth or canny")
     more.add_argument("--control-model", metavar="DIR", help="the control's model folder (default: the registry's)")
-    more.add_argument("--control-strength", type=float, default=CONTROL_STRENGTH.default, metavar="X", help="0-2")
+    more.add_argument(
+        "--control-strength", type=float, default=settings.CONTROL_STRENGTH.default, metavar="X", help="0-2"
+    )
     batch = gen.add_argument_group(
         "batch mode", "every photo x every prompt x every seed, written as OUT_DIR/FACE--pNN--sSEED.mp4 + .txt"
     )

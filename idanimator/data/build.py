@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import IDAnimatorError, UnreadableVideoError
 from ..files import ensure_folder, write_error
+from ..video import VIDEO_SUFFIXES
 from .captions import ACTION_FRAMES, Captioner, Rewriter, get_captioner, get_rewriter
 from .decode import read_frames, read_thumbnails
 from .facepool import FACES_PER_CLIP, FaceFilter, FacePool, candidate_frames, save_faces
@@ -51,7 +52,6 @@ from .shots import CUT_THRESHOLD, MIN_CLIP_FRAMES, THUMB_SIZE, Clip, find_cuts, 
 
 RUN_LOCK = ".build-dataset.lock"  # held by a run from start to end (see the module's notes)
 MANIFEST_LOCK = ".manifest.lock"  # held while the manifest is assembled from the clip records
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 Say = Callable[[str], None]
 
 

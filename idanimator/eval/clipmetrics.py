@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import IDAnimatorError
+from ..errors import IDAnimatorError, ModelUnavailableError
 from ..registry import EVAL_CLIP as CLIP_SOURCE
 from .reader import strided
-from .spec import ModelUnavailableError
 
 CLIP_REPO = CLIP_SOURCE.repo_id
 BATCH = 32
@@ -65,20 +64,16 @@ class ClipScorer:
         folder = find_clip_model(path)
         try:
             from transformers import CLIPModel, CLIPTokenizer
-
-            try:  # the PIL implementation; the default one wants torchvision, which we keep out
-                from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-            except ImportError:
-                from transformers import CLIPImageProcessor
-
             from transformers.utils import logging
+
+            from ..images import clip_image_processor
 
             bars = logging.is_progress_bar_enabled()
             logging.disable_progress_bar()  # the evaluation's own progress bar is the one to watch
             try:
                 self.model = CLIPModel.from_pretrained(folder).to(device).eval()
                 self.tokenizer = CLIPTokenizer.from_pretrained(folder)
-                self.processor = CLIPImageProcessor.from_pretrained(folder)
+                self.processor = clip_image_processor(folder)
             finally:
                 if bars:
                     logging.enable_progress_bar()

@@ -4,7 +4,7 @@ Each takes an RGB frame and a face found by the project's detector (:mod:`idanim
 unit-length embedding. ArcFace and CurricularFace see the ArcFace-template crop made by insightface's
 ``norm_crop`` (:func:`idanimator.face.align_face`), as in ConsisID's evaluation; dlib's network was trained
 on its own 150-pixel chips, so it gets those: dlib's 5-point shape model is fitted inside our detector's box
-and dlib cuts the chip (a norm_crop fed to dlib separates people far worse: see docs/README-eval.md).
+and dlib cuts the chip (a norm_crop fed to dlib separates people far worse: see README.md, "The metrics").
 
 Loading a model that is not there raises :class:`ModelUnavailableError` with the reason and what to do;
 the evaluation reports that metric as null and goes on with the others.
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import IDAnimatorError
+from ..errors import IDAnimatorError, ModelUnavailableError
 from ..face import INSIGHTFACE_HOME, DetectedFace, align_face
-from .spec import ModelUnavailableError
 
 ARCFACE_PACKS = ("antelopev2", "buffalo_l")  # ConsisID's pack first; the release's detector pack second
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IDAnimatorError
+from ..video import VIDEO_SUFFIXES
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif")
 FACE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PROMPTS_FILE = "prompts.json"
 SEPARATOR = "--"

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ..files import atomic_path
-from .spec import CLIP_METRICS, DESCRIPTIONS, FACE_METRICS, FACE_RATE
+from .metrics import CLIP_METRICS, DESCRIPTIONS, FACE_METRICS, FACE_RATE
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"

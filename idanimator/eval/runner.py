@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DetectorUnavailableError, IDAnimatorError, UnreadableVideoError
+from ..errors import DetectorUnavailableError, IDAnimatorError, ModelUnavailableError, UnreadableVideoError
 from ..files import ensure_folder
 from . import report
+from .metrics import CLIP_METRICS, FACE_METRICS, FACE_RATE, METRICS, MOTION_METRICS, columns
 from .motion import FLOW_NAME, motion_scores
 from .pairing import EvalItem, find_items
 from .reader import NUM_SAMPLED_FRAMES, read_video
-from .spec import CLIP_METRICS, FACE_METRICS, FACE_RATE, METRICS, MOTION_METRICS, ModelUnavailableError, columns
 
 Say = Callable[[str], None]
 PROTOCOL = (

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidRequestError, UnreadableVideoError
-from ..images import describe_source, read_image
-from .spec import ControlSpec
+from ..images import cover_crop, describe_source, read_image
+from ..request import ControlSpec
 
 CANNY_THRESHOLDS = (100, 200)  # the low and high hysteresis thresholds of diffusers' ControlNet examples
 _GREY_TOLERANCE = 12.0  # mean |R-G|+|G-B| (of 510) below which a frame counts as grey (video codecs add chroma noise)
@@ -49,7 +49,7 @@ def condition_frames(spec: ControlSpec, num_frames: int, size: tuple[int, int]) 
                 raise InvalidRequestError(f"Two control images are placed at frame {first.frame}; give each its own.")
         images = [_keyframe_condition(spec.kind, key.image, width, height) for key in keys]
         return Conditions(images, [key.frame for key in keys])
-    frames = [_fit(frame, width, height) for frame in read_video_frames(spec.video, num_frames, size)]
+    frames = [cover_crop(frame, width, height) for frame in read_video_frames(spec.video, num_frames, size)]
     if spec.kind == "canny":
         frames = [canny_edges(frame) for frame in frames]
     elif spec.kind == "depth":
@@ -72,7 +72,7 @@ def preview_condition(spec: ControlSpec, num_frames: int, size: tuple[int, int])
 
 def _keyframe_condition(kind: str, source, width: int, height: int) -> Image.Image:
     image, _ = read_image(source)  # InvalidImageError with one sentence when it is not a usable image
-    image = _fit(image, width, height)
+    image = cover_crop(image, width, height)
     return sketch_lines(image) if kind == "sparse-sketch" else image
 
 
@@ -129,15 +129,3 @@ def _check_grey(frames: list[Image.Image], video) -> None:
         raise InvalidRequestError(
             f"The depth control needs a depth rendering (grey levels, near is bright), but {name} is in colour."
         )
-
-
-# -- sizes ----------------------------------------------------------------------------------------
-
-
-def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover width x height, then centre-crop: the subject keeps its proportions."""
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))

@@ -19,9 +19,9 @@ import torch
 from diffusers import AnimateDiffControlNetPipeline, AnimateDiffSparseControlNetPipeline
 
 from ..errors import InvalidRequestError
+from ..request import SPARSE_KINDS, ControlSpec
 from .conditions import condition_frames
-from .control_models import control_models_for
-from .spec import SPARSE_KINDS, ControlSpec, Extras
+from .control_models import ControlModels
 
 
 class SparseControlPipeline(AnimateDiffSparseControlNetPipeline):
@@ -54,27 +54,19 @@ def control_arguments(spec: ControlSpec, num_frames: int, size: tuple[int, int])
 
 
 @contextmanager
-def applied(pipeline, settings, extras: Extras, call) -> Iterator:
-    """Run ``call`` through the control pipeline of ``extras.control`` (a no-op without control)."""
-    spec = extras.control
+def structure_control(pipe, request, models: ControlModels, arguments: dict) -> Iterator[tuple[object, dict]]:
+    """The pipeline to call and its arguments under ``request.control``: diffusers' control pipeline of the kind
+    on ``pipe``'s own modules, with the control's arguments added (``pipe`` and ``arguments`` as they are without
+    control, or at strength 0). Nothing to undo after: ``pipe`` itself is not changed."""
+    spec = request.control
     if spec is None or spec.strength == 0:
-        yield call
+        yield pipe, arguments
         return
-    arguments = control_arguments(spec, settings.num_frames, (settings.height, settings.width))
-    base = call.pipe
-    controlnet = control_models_for(pipeline).get(spec.kind, base._execution_device, base.unet.dtype)
-    control = control_pipeline(base, spec.kind, controlnet)
+    added = control_arguments(spec, request.num_frames, (request.height, request.width))
+    controlnet = models.get(spec.kind, pipe._execution_device, pipe.unet.dtype)
+    control = control_pipeline(pipe, spec.kind, controlnet)
     accepted = inspect.signature(type(control).__call__).parameters
-    refused = sorted(set(call.kwargs) - set(accepted))
+    refused = sorted(set(arguments) - set(accepted))
     if refused:
         raise InvalidRequestError(f"The {spec.kind} control cannot be combined with {refused[0]}.")
-    before = {name: call.kwargs[name] for name in arguments if name in call.kwargs}
-    call.pipe = control
-    call.kwargs.update(arguments)
-    try:
-        yield call
-    finally:
-        call.pipe = base
-        for name in arguments:
-            call.kwargs.pop(name, None)
-        call.kwargs.update(before)
+    yield control, {**arguments, **added}

@@ -1,10 +1,11 @@
-"""The model each structure control needs, where it comes from, and a cache that keeps each one once loaded.
+"""Loading the model each structure control needs (its Hub source is in :data:`idanimator.registry.CONTROL_MODELS`),
+and a cache that keeps each one once loaded.
 
 SparseCtrl (keyframes) uses diffusers' :class:`SparseControlNetModel`; the per-frame controls use SD1.5
 ControlNet 1.1 :class:`ControlNetModel` s. Each is a diffusers folder, from the Hugging Face cache (downloaded
 on first use when the Hub can be reached) or a local folder. A :class:`ControlModels` holds the sources and
 the loaded models, one per kind, kept until :meth:`ControlModels.clear`; the service owns one and hands it to
-its pipelines as ``pipeline.control_models`` (tiny mode: ``ControlModels(tiny_control_models(root))``).
+its pipelines when it builds them (``IDAnimatorPipeline(..., control_models=...)``).
 """
 
 from __future__ import annotations
@@ -16,22 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import IDAnimatorError, WeightsUnavailableError
-from ..registry import HubFolder, Source
+from ..registry import CONTROL_MODELS, Source
+from ..request import CONTROL_KINDS, SPARSE_KINDS
 from ..weights import describe, resolve
-from .spec import CONTROL_KINDS, SPARSE_KINDS
-
-_CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-
-# kind -> where its model comes from (the lead may move these into registry.py).
-CONTROL_MODELS: dict[str, Source] = {
-    # SparseCtrl for AnimateDiff v3, converted to diffusers by its authors (about 2 GB each in fp32).
-    "sparse-sketch": HubFolder("guoyww/animatediff-sparsectrl-scribble", allow_patterns=_CONTROLNET_FILES),
-    "sparse-rgb": HubFolder("guoyww/animatediff-sparsectrl-rgb", allow_patterns=_CONTROLNET_FILES),
-    # SD1.5 ControlNet 1.1 (about 1.45 GB each in fp32).
-    "openpose": HubFolder("lllyasviel/control_v11p_sd15_openpose", allow_patterns=_CONTROLNET_FILES),
-    "depth": HubFolder("lllyasviel/control_v11f1p_sd15_depth", allow_patterns=_CONTROLNET_FILES),
-    "canny": HubFolder("lllyasviel/control_v11p_sd15_canny", allow_patterns=_CONTROLNET_FILES),
-}
 
 # What each kind's condition is, for messages.
 _TAKES = {
@@ -127,12 +115,3 @@ class ControlModels:
     def clear(self) -> None:
         """Forget every loaded model (to free memory, e.g. after running out of it)."""
         self._models.clear()
-
-
-DEFAULT_CONTROL_MODELS = ControlModels()  # the registry's models, for pipelines no service configured
-
-
-def control_models_for(pipeline) -> ControlModels:
-    """The control models a pipeline uses: its own ``control_models`` if it has one, else the registry's."""
-    models = getattr(pipeline, "control_models", None)
-    return models if models is not None else DEFAULT_CONTROL_MODELS

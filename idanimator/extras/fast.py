@@ -18,9 +18,8 @@ beta_schedule="linear")``. All three go onto the cached pipeline for the call an
 
 from __future__ import annotations
 
-import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..errors import CheckpointError, InvalidRequestError, WeightsUnavailableErr
 from ..weights import describe, hub_reachable, is_cached, resolve
 
 ADAPTER = "animatelcm"  # the PEFT adapter's name (the style LoRAs use their own)
-LORA_WEIGHT = 0.8  # diffusers' AnimateLCM recipe (its steps and guidance: spec.FAST_STEPS, spec.FAST_GUIDANCE)
+LCM_LORA_WEIGHT = 0.8  # diffusers' AnimateLCM recipe (its steps and guidance: settings.FAST_STEPS, FAST_GUIDANCE)
 MAX_STEPS = 50  # LCMScheduler's original_inference_steps: it cannot take more
 LORA_FILE = registry.ANIMATELCM_LORA  # beside the motion adapter, as in the Hub repository
 
@@ -61,15 +60,30 @@ class FastWeights:
         return self._placed[1]
 
 
+class AnimateLCMWeights:
+    """Where the fast mode's AnimateLCM comes from (a local folder in the repository's layout, a function that
+    builds one, or None: the registry's Hub folder, downloaded if needed), and its tensors once loaded. The
+    service owns one and gives it to every pipeline it builds; :meth:`clear` frees the tensors."""
+
+    def __init__(self, source: str | Path | Callable[[], Path] | None = None):
+        self.source = source
+        self._loaded: FastWeights | None = None
+
+    def get(self) -> FastWeights:
+        if self._loaded is None:
+            source = self.source() if callable(self.source) else self.source
+            self._loaded = load_fast_weights(source)
+        return self._loaded
+
+    def clear(self) -> None:
+        """Drop the loaded tensors (CPU and device copies), e.g. to recover memory."""
+        self._loaded = None
+
+
 def load_fast_weights(source: str | Path | None = None) -> FastWeights:
-    """AnimateLCM from a local folder (the repository's layout) or the registry's Hub folder (downloaded if needed);
-    loaded once per folder."""
+    """AnimateLCM from a local folder (the repository's layout) or the registry's Hub folder (downloaded if
+    needed), read anew (:class:`AnimateLCMWeights` keeps it)."""
     return _load(_resolve(source))
-
-
-def forget_fast_weights() -> None:
-    """Drop the loaded AnimateLCM tensors (CPU and device copies), e.g. to recover memory."""
-    _load.cache_clear()
 
 
 def _resolve(source: str | Path | None) -> Path:
@@ -87,7 +101,6 @@ def _resolve(source: str | Path | None) -> Path:
     return resolve(hub, what="AnimateLCM weights for fast mode")
 
 
-@functools.lru_cache(maxsize=1)
 def _load(path: Path) -> FastWeights:
     from diffusers import AnimateDiffPipeline
 
@@ -114,31 +127,24 @@ def _load(path: Path) -> FastWeights:
     return FastWeights(source=path, motion=motion, lora=state, network_alphas=alphas or None)
 
 
-def fast_weights_for(pipeline) -> FastWeights:
-    """The pipeline's AnimateLCM: its ``fast_weights`` (FastWeights, or a folder), else the registry's."""
-    chosen = getattr(pipeline, "fast_weights", None)
-    if callable(chosen):  # a folder built on first use (tiny mode's)
-        chosen = chosen()
-    return chosen if isinstance(chosen, FastWeights) else load_fast_weights(chosen)
-
-
 @contextmanager
-def applied(pipeline, settings, extras, call) -> Iterator[None]:
-    """AnimateLCM's motion weights, LoRA and scheduler on ``call.pipe`` for the call, when ``extras.fast``."""
-    if not extras.fast:  # the kept LoRA stays off, also when a style LoRA's removal made PEFT turn it on
-        deactivate_lcm_lora(call.pipe.unet)
+def fast_mode(pipe, request, weights: AnimateLCMWeights) -> Iterator[None]:
+    """AnimateLCM's motion weights, LoRA and scheduler on ``pipe`` (the AnimateDiff pipeline) for the call, when
+    ``request.fast``."""
+    if not request.fast:  # the kept LoRA stays off, also when a style LoRA's removal made PEFT turn it on
+        deactivate_lcm_lora(pipe.unet)
         try:
             yield
         finally:
-            deactivate_lcm_lora(call.pipe.unet)
+            deactivate_lcm_lora(pipe.unet)
         return
-    if settings.steps > MAX_STEPS:
-        raise InvalidRequestError(f"Fast mode takes at most {MAX_STEPS} steps (4-8 suit it), not {settings.steps}.")
-    weights = fast_weights_for(pipeline)
+    if request.steps > MAX_STEPS:
+        raise InvalidRequestError(f"Fast mode takes at most {MAX_STEPS} steps (4-8 suit it), not {request.steps}.")
+    loaded = weights.get()
     with ExitStack() as stack:
-        stack.enter_context(motion_weights(call.pipe.unet, weights))
-        stack.enter_context(lcm_lora(call.pipe, weights))
-        stack.enter_context(lcm_scheduler(call.pipe))
+        stack.enter_context(motion_weights(pipe.unet, loaded))
+        stack.enter_context(lcm_lora(pipe, loaded))
+        stack.enter_context(lcm_scheduler(pipe))
         yield
 
 
@@ -226,10 +232,10 @@ def _offloaded_store(unet) -> dict | None:
 
 @contextmanager
 def lcm_lora(pipe, weights: FastWeights) -> Iterator[None]:
-    """AnimateLCM's LoRA active at LORA_WEIGHT beside the adapters already active (a style LoRA keeps its scale);
+    """AnimateLCM's LoRA active at LCM_LORA_WEIGHT beside the adapters already active (a style LoRA keeps its scale);
     inactive again after. Loaded on first use and then kept, inactive, between fast requests: putting PEFT layers on
-    an SD1.5 UNet and taking them off costs about 2-3 s of Python on a CPU core, and inactive PEFT layers compute
-    exactly what their base layers do."""
+    an SD1.5 UNet and taking them off costs seconds of Python (benchmarks/RESULTS.md), and inactive PEFT layers
+    compute exactly what their base layers do."""
     unet = pipe.unet
     before = [name for name in active_adapters(unet) if name != ADAPTER]
     if _loaded_source(unet) != weights.source:
@@ -238,7 +244,7 @@ def lcm_lora(pipe, weights: FastWeights) -> Iterator[None]:
     try:
         for layer in _tuner_layers(unet):
             layer.set_adapter([*before, ADAPTER], inference_mode=True)
-            layer.set_scale(ADAPTER, LORA_WEIGHT)
+            layer.set_scale(ADAPTER, LCM_LORA_WEIGHT)
         yield
     finally:
         for layer in _tuner_layers(unet):

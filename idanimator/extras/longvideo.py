@@ -52,10 +52,10 @@ def needs_windows(unet, num_frames: int) -> bool:
 
 
 @contextmanager
-def applied(pipeline, settings, extras, call) -> Iterator:
-    pipe = call.pipe
-    if not needs_windows(pipe.unet, settings.num_frames):
-        yield call
+def long_video(pipe, num_frames: int) -> Iterator[None]:
+    """FreeNoise windows on ``pipe`` (the pipeline that runs) for a video longer than the motion module's window."""
+    if not needs_windows(pipe.unet, num_frames):
+        yield
         return
     if not hasattr(pipe, "enable_free_noise"):  # diffusers' SparseCtrl pipeline has no context windows
         raise InvalidRequestError(
@@ -63,7 +63,7 @@ def applied(pipeline, settings, extras, call) -> Iterator:
         )
     try:
         _without_offload_hooks(pipe, lambda: _enable(pipe))
-        yield call
+        yield
     finally:
         _without_offload_hooks(pipe, lambda: _disable(pipe))
 
@@ -158,20 +158,19 @@ def unet_frames(num_frames: int, max_frames: int = 32) -> float:
     return num_frames * (1 - WINDOWED_SHARE) + windows * length * WINDOWED_SHARE
 
 
-def work_units(settings, extras=None, max_frames: int = 32) -> float:
+def work_units(request, max_frames: int = 32) -> float:
     """A request's denoising work in UNet evaluations of one 512x512 frame for one guidance branch: steps x
     FreeInit passes x (2 with classifier-free guidance) x :func:`unet_frames` x pixels / 512^2. Decoding is not
     included (about one UNet evaluation per frame, once)."""
-    passes = freeinit.passes(extras) if extras is not None else 1
-    branches = 2 if settings.guidance_scale > 1 else 1
-    pixels = settings.height * settings.width / REFERENCE_PIXELS
-    return settings.steps * passes * branches * unet_frames(settings.num_frames, max_frames) * pixels
+    branches = 2 if request.guidance_scale > 1 else 1
+    pixels = request.height * request.width / REFERENCE_PIXELS
+    return request.steps * freeinit.passes(request) * branches * unet_frames(request.num_frames, max_frames) * pixels
 
 
-def estimate_seconds(settings, seconds_per_frame_step: float, extras=None, max_frames: int = 32) -> float:
+def estimate_seconds(request, seconds_per_frame_step: float, max_frames: int = 32) -> float:
     """Seconds the denoising of a request should take, before it runs.
 
     ``seconds_per_frame_step``: one unit of :func:`work_units` on this machine (measure it once: a plain run's
     denoising seconds / its work units).
     """
-    return seconds_per_frame_step * work_units(settings, extras, max_frames)
+    return seconds_per_frame_step * work_units(request, max_frames)

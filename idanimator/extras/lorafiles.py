@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 from ..errors import InvalidRequestError, WeightsUnavailableError
-from ..weights import hub_reachable, offline_mode
+from ..registry import HubFile, HubFolder
+from ..weights import hub_reachable, offline_mode, parse_hub_id
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights names it
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SDXL_WIDTH, _SD2_WIDTH = 2048, 1024  # their text features, which attn2's key/value layers take in
 # The down (A) half of a LoRA on a cross-attention's key or value layer, in diffusers', PEFT's and kohya's names.
 _CROSS_KV_DOWN = re.compile(r"attn2[._]to_[kv]\.(lora\.down|lora_A|lora_down|lora_linear_layer\.down)\.weight$")
@@ -50,13 +50,11 @@ def check_source(source: str) -> tuple:
                 "loaded, so convert it to .safetensors first."
             )
         return ("local", path)
-    name, _, revision = text.partition("@")
-    parts = name.split("/")
-    is_hub = _HUB_ID.match("/".join(parts[:2])) and not name.startswith((".", "/", "~"))
-    if is_hub and len(parts) == 2 and not name.lower().endswith(".safetensors"):
-        return ("hub-repo", name, revision or None)
-    if is_hub and len(parts) > 2 and name.lower().endswith(".safetensors"):
-        return ("hub-file", "/".join(parts[:2]), "/".join(parts[2:]), revision or None)
+    hub = parse_hub_id(text, file_suffixes=(".safetensors",))
+    if isinstance(hub, HubFolder) and not hub.repo_id.lower().endswith(".safetensors"):
+        return ("hub-repo", hub.repo_id, hub.revision)
+    if isinstance(hub, HubFile):
+        return ("hub-file", hub.repo_id, hub.filename, hub.revision)
     raise InvalidRequestError(
         f"The LoRA file {text} does not exist (give a local .safetensors file, owner/repo or owner/repo/file)."
     )

@@ -28,26 +28,27 @@ _TEXT_PREFIX = "text_encoder."
 
 
 @contextmanager
-def applied(pipeline, settings, extras, call) -> Iterator:
-    if not extras.loras:
-        yield call
+def style_loras(pipe, loras) -> Iterator[None]:
+    """The style LoRAs (LoraSpecs) on ``pipe`` (the AnimateDiff pipeline) as PEFT adapters for the call, beside
+    any adapter already active; removed after, error or not."""
+    if not loras:
+        yield
         return
-    pipe = pipeline.pipe
     width = pipe.unet.config.cross_attention_dim
-    files = [find_lora(spec.source) for spec in extras.loras]  # every file is found and checked before loading
-    for spec, path in zip(extras.loras, files, strict=True):
+    files = [find_lora(spec.source) for spec in loras]  # every file is found and checked before loading
+    for spec, path in zip(loras, files, strict=True):
         check_lora_file(path, spec.source, width)
     others = {name: adapter_weight(pipe, name) for name in pipe.get_active_adapters()}
     face = face_adapter_state(pipe.unet)
     names: list[str] = []
     try:
-        for spec, path in zip(extras.loras, files, strict=True):
+        for spec, path in zip(loras, files, strict=True):
             names.append(_free_name(pipe))
             load_lora(pipe, path, names[-1], spec.source)
-        pipe.set_adapters([*others, *names], [*others.values(), *(spec.weight for spec in extras.loras)])
+        pipe.set_adapters([*others, *names], [*others.values(), *(spec.weight for spec in loras)])
         if face_adapter_state(pipe.unet) != face:
             raise InvalidRequestError("A LoRA changed the face adapter's layers; it cannot be used with ID-Animator.")
-        yield call
+        yield
     finally:
         remove_loras(pipe, names, others)
 

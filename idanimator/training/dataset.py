@@ -1,4 +1,4 @@
-"""Training clips as tensors: the manifest's clips, their frames and their reference faces.
+"""Training clips as tensors: the manifest's clips, their frames, and the reference faces each is conditioned on.
 
 A dataset folder holds ``manifest.jsonl`` (one clip a line, written by ``build-dataset``, read with
 :func:`idanimator.data.manifest.read_manifest`): the clip's video and frame range, its caption and its face
@@ -6,13 +6,19 @@ pool (face crops aligned as inference aligns a photo, and the frame each came fr
 frames used are handed over, shrunk in the decoder to the training size, by the package's one reader
 (:mod:`idanimator.video`): frame n is the n-th decoded frame, as ``build-dataset`` counts, and decoding stops
 after the last.
+
+The references follow the paper's "random reference training": drawn at random from the clip's own face pool
+(faces cropped from frames of the same clip, hence the same person), so the adapter cannot learn to copy the
+pose, expression and lighting of the frames it denoises. Never another clip's face (it could be another
+identity), and never the face of a frame being denoised while the pool has others.
+
 Every random draw of a sample (its frames, references and condition dropout) comes from the run's seed and
 the sample's position in the stream, so a resumed run reads exactly the same samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,16 +28,47 @@ from PIL import Image
 
 from ..data.manifest import MANIFEST_NAME, read_manifest
 from ..errors import IDAnimatorError
+from ..images import CLIP_SIZE, cover_crop
 from ..video import read_video
-from .references import PoolFace, draw_references
 
-CLIP_SIZE = 224  # the CLIP image encoder's input; 112-pixel aligned crops are enlarged to it, as at inference
 # Every random draw is seeded with (seed, stream, number): the streams keep the draws of different jobs apart.
 _SAMPLE_STREAM, _ORDER_STREAM = 0, 1
 
 
 @dataclass(frozen=True)
-class Clip:
+class PoolFace:
+    """One face of a clip's pool: an aligned crop (as inference crops a photo) and the frame it came from."""
+
+    path: Path
+    frame: int  # the source video's frame index
+
+
+def reference_candidates(pool: Sequence[PoolFace], window: Sequence[int]) -> list[int]:
+    """Indices into ``pool`` a reference may be drawn from, for a clip whose denoised frames are ``window``.
+
+    Preferred: faces from outside the window's span (not even a neighbour of a denoised frame); else faces
+    from frames between the denoised ones; only when every face of the pool is a denoised frame's, all.
+    """
+    if not pool:
+        raise ValueError("A clip with an empty face pool cannot be trained on.")
+    first, last, denoised = min(window), max(window), set(window)
+    outside = [i for i, face in enumerate(pool) if not first <= face.frame <= last]
+    between = [i for i, face in enumerate(pool) if face.frame not in denoised]
+    return outside or between or list(range(len(pool)))
+
+
+def draw_references(pool: Sequence[PoolFace], window: Sequence[int], count: int, rng: np.random.Generator) -> list[int]:
+    """``count`` pool indices drawn at random among :func:`reference_candidates` (distinct when the
+    candidates are enough, else repeated: a batch needs the same number of references for every clip)."""
+    candidates = reference_candidates(pool, window)
+    picks = rng.choice(len(candidates), size=count, replace=len(candidates) < count)
+    return [candidates[int(i)] for i in picks]
+
+
+@dataclass(frozen=True)
+class TrainingClip:
+    """A manifest clip as training reads it (build-dataset's shot is :class:`idanimator.data.shots.Clip`)."""
+
     clip_id: str
     video: Path
     start: int  # first source frame of the clip
@@ -46,9 +83,9 @@ class Clip:
         return self.end - self.start
 
 
-def _clip_from(record) -> Clip:
+def _clip_from(record) -> TrainingClip:
     faces = zip(record.face_paths, record.face_frames, strict=True)
-    return Clip(
+    return TrainingClip(
         clip_id=record.clip_id,
         video=record.video_path,
         start=record.start_frame,
@@ -60,7 +97,7 @@ def _clip_from(record) -> Clip:
     )
 
 
-def load_clips(data: Path, frames: int) -> tuple[list[Clip], str | None]:
+def load_clips(data: Path, frames: int) -> tuple[list[TrainingClip], str | None]:
     """The clips a run with ``frames`` frames can use, and a sentence counting those skipped (or None).
 
     A clip is skipped when it is shorter than ``frames``, when its video is missing, or when its face pool
@@ -106,7 +143,7 @@ def _missing_videos(videos: list[str], shown: int = 3) -> str:
     return f"{len(videos)} whose video is missing ({listed})"
 
 
-def stride_note(clips: list[Clip], frames: int, stride: int) -> str | None:
+def stride_note(clips: list[TrainingClip], frames: int, stride: int) -> str | None:
     """A sentence counting the clips too short for ``frames`` frames ``stride`` apart (their frames are taken
     closer together, see :func:`sample_window`), or None; said once per run, not per sample."""
     span = (frames - 1) * stride + 1
@@ -119,7 +156,7 @@ def stride_note(clips: list[Clip], frames: int, stride: int) -> str | None:
     )
 
 
-def sample_window(clip: Clip, frames: int, stride: int, rng: np.random.Generator) -> list[int]:
+def sample_window(clip: TrainingClip, frames: int, stride: int, rng: np.random.Generator) -> list[int]:
     """``frames`` source frame indices, ``stride`` apart (less for a clip too short for it, which
     :func:`stride_note` reports once), at a random start."""
     if frames > 1:
@@ -137,18 +174,9 @@ def read_frames(video: Path, indices: list[int], fps: float | None = None, *, co
     return read_video(video, indices, cover=None if cover is None else (cover, cover)).frames
 
 
-def resize_center_crop(frame: np.ndarray, size: int) -> Image.Image:
-    """Scale the shorter side to ``size`` (bicubic), then cut the centre square."""
-    image = Image.fromarray(frame)
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def clip_input(face: Image.Image) -> Image.Image:
-    """An aligned face crop as inference hands it to CLIP: RGB, enlarged (bicubic) to 224 x 224."""
+    """An aligned face crop as inference hands it to CLIP: RGB, enlarged (bicubic) to CLIP_SIZE x CLIP_SIZE
+    (the 112-pixel aligned crops)."""
     face = face.convert("RGB")
     if face.size != (CLIP_SIZE, CLIP_SIZE):
         face = face.resize((CLIP_SIZE, CLIP_SIZE), Image.Resampling.BICUBIC)
@@ -183,7 +211,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        clips: list[Clip],
+        clips: list[TrainingClip],
         *,
         frames: int,
         stride: int,
@@ -209,8 +237,8 @@ class ClipDataset(torch.utils.data.Dataset):
         window = sample_window(clip, self.frames, self.stride, rng)
         chosen = [clip.faces[i] for i in draw_references(clip.faces, window, self.num_references, rng)]
         drop_text, drop_face = self.dropout.draw(rng)
-        pixels = read_frames(clip.video, window, cover=self.size)  # resize_center_crop finishes
-        frames = np.stack([np.asarray(resize_center_crop(f, self.size)) for f in pixels])
+        pixels = read_frames(clip.video, window, cover=self.size)  # cover_crop finishes
+        frames = np.stack([np.asarray(cover_crop(Image.fromarray(f), self.size, self.size)) for f in pixels])
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         faces = [clip_input(Image.open(face.path)) for face in chosen]
         faces = self.feature_extractor(images=faces, return_tensors="pt").pixel_values

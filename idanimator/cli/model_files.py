@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import registry
 from ..errors import IDAnimatorError
-from ..extras.spec import CONTROL_KINDS
+from ..request import CONTROL_KINDS
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -26,9 +26,7 @@ def _download(args: argparse.Namespace) -> int:
     if args.fast:
         wanted.append(("fast mode (AnimateLCM)", registry.ANIMATELCM))
     if args.control:
-        from ..extras.control_models import CONTROL_MODELS
-
-        wanted += [(f"{kind} control model", CONTROL_MODELS[kind]) for kind in args.control]
+        wanted += [(f"{kind} control model", registry.CONTROL_MODELS[kind]) for kind in args.control]
     for what, source in wanted:
         print(f"{what}: {describe(source)}")
         print(f"  -> {resolve(source, what=what)}")
@@ -57,7 +55,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from ..testing import build_tiny_kit
+    from ..tiny import build_tiny_kit
 
     if (args.dir / "kit.json").is_file() and not args.force:
         print(f"A tiny kit is already in {args.dir}; nothing was rebuilt (--force rebuilds it).")

@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_namespace(args).validate()
     manifest_path(config.data)
     from ..console import quiet_loading_bars
-    from ..training.loop import train
+    from ..training.train import train
 
     quiet_loading_bars()
     train(config)

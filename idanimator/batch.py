@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IDAnimatorError
-from ..files import atomic_path, ensure_folder, is_hidden, kind_problem, remove_stale_partials
-from ..settings import GenerationSettings, parse_seed
-from .pairing import FACE_SUFFIXES, SEPARATOR
+from .errors import IDAnimatorError
+from .eval.pairing import FACE_SUFFIXES, SEPARATOR
+from .files import atomic_path, ensure_folder, is_hidden, kind_problem, remove_stale_partials
+from .request import GenerationRequest
+from .settings import parse_seed
 
 MANIFEST = "generation.json"
 
@@ -105,11 +106,11 @@ def plan(faces: list[Path], prompts: list[str], seeds: list[int]) -> list[BatchJ
     return [BatchJob(face, i, prompt, seed) for face in faces for i, prompt in enumerate(prompts) for seed in seeds]
 
 
-def write_manifest(jobs: list[BatchJob], settings: GenerationSettings, out: Path, fps: int) -> Path:
+def write_manifest(jobs: list[BatchJob], request: GenerationRequest, out: Path) -> Path:
     """``OUT/generation.json``: the settings and each video's photo, prompt and seed."""
     out = ensure_folder(Path(out).expanduser())
     record = {
-        "settings": settings.as_dict() | {"prompt": None, "seed": None, "fps": fps},
+        "settings": request.settings() | {"prompt": None, "seed": None},
         "videos": {job.name: {"face": job.face.name, "prompt": job.prompt, "seed": job.seed} for job in jobs},
     }
     with atomic_path(out / MANIFEST) as temp:
@@ -134,29 +135,26 @@ def run_batch(
     pipe,
     jobs: list[BatchJob],
     crops: dict[Path, object],
-    settings: GenerationSettings,
+    request: GenerationRequest,
     out: Path,
     *,
-    fps: int,
-    extras=None,
     say: Callable[[str], None] | None = None,
 ) -> int:
     """Make each job's video and prompt file with one loaded pipeline; returns how many were written.
-    ``extras``: the same options beyond the release for every video (:class:`idanimator.extras.spec.Extras`)."""
+    ``request``: the settings every video shares (its prompt and seed are each job's)."""
     from tqdm import tqdm
 
-    from ..service import out_of_memory_guard
-    from ..video import write_mp4
+    from .service import out_of_memory_guard
+    from .video import write_mp4
 
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     out = ensure_folder(Path(out).expanduser())
     for job in tqdm(jobs, desc="generating", unit="video", file=sys.stderr):
         with out_of_memory_guard():
-            job_settings = replace(settings, prompt=job.prompt, seed=job.seed).validate()
-            result = pipe(crops[job.face], **job_settings.as_dict(), extras=extras)
+            result = pipe(crops[job.face], request=request.replace(prompt=job.prompt, seed=job.seed))
         for warning in result.warnings:
             say(f"warning: {job.name}: {warning}")
         with atomic_path(out / f"{job.name}.txt") as temp:
             temp.write_text(job.prompt + "\n", encoding="utf-8")
-        write_mp4(result.frames, out / f"{job.name}.mp4", fps=fps)
+        write_mp4(result.frames, out / f"{job.name}.mp4", fps=request.fps)
     return len(jobs)

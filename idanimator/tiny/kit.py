@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import FaceAdapterWeights, resampler_from_diffusers, save_official_checkpoint
+from ..adapter import FaceAdapterWeights, checkpoint_index, resampler_from_diffusers, save_official_checkpoint
 from ..files import atomic_folder
+from ..images import CLIP_SIZE
 
 KIT_VERSION = 2  # 2: the tokenizer merges letter pairs
+KIT_MARKER = "kit.json"  # written last: a folder holding it is a complete kit
 TINY_CROSS_ATTENTION_DIM = 32
 TINY_VISION_HIDDEN = 32
 TINY_RESAMPLER_HIDDEN = 64  # one 64-wide head, as the release's resampler derives heads = width / 64
@@ -154,7 +156,7 @@ def _tiny_image_encoder(folder: Path) -> None:
             projection_dim=TINY_VISION_HIDDEN,
             num_hidden_layers=3,
             num_attention_heads=4,
-            image_size=224,  # what CLIPImageProcessor() produces, as for ViT-H/14
+            image_size=CLIP_SIZE,  # what CLIPImageProcessor() produces, as for ViT-H/14
             patch_size=32,
         )
     ).save_pretrained(folder)
@@ -193,7 +195,7 @@ def random_face_adapter(
 
     face_adapter = {}
     for j, hidden in enumerate(cross_attention_hidden_sizes):
-        i = 2 * j + 1
+        i = checkpoint_index(j)
         for lora, fan_in in (
             ("to_q_lora", hidden),
             ("to_k_lora", cross_attention_dim),
@@ -230,10 +232,10 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
 
     root = Path(root)
     paths = tiny_kit_paths(root)
-    marker = root / "kit.json"
+    marker = root / KIT_MARKER
     if marker.is_file() and not force:
         return paths
-    with atomic_folder(root, marker="kit.json", what="a tiny kit") as work:
+    with atomic_folder(root, marker=KIT_MARKER, what="a tiny kit") as work:
         torch.manual_seed(seed)
         work_paths = tiny_kit_paths(work)
         _tiny_base(work_paths["base"], release_scheduler())
@@ -242,7 +244,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
         sizes = tiny_cross_attention_hidden_sizes(work_paths["base"])
         save_official_checkpoint(random_face_adapter(sizes, seed=seed), work_paths["face_adapter"])
         export_single_file(work_paths["base"], work_paths["single_file"])
-        (work / "kit.json").write_text(json.dumps({"version": KIT_VERSION, "seed": seed}))
+        (work / KIT_MARKER).write_text(json.dumps({"version": KIT_VERSION, "seed": seed}))
     return paths
 
 

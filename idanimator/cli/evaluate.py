@@ -15,8 +15,8 @@ CLIP_DEFAULT = f"{registry.EVAL_CLIP.repo_id} from the Hugging Face cache"
 
 def _eval(args: argparse.Namespace) -> int:
     from ..eval.clipmetrics import check_clip_folder
+    from ..eval.metrics import parse_metrics
     from ..eval.runner import EvalOptions, evaluate
-    from ..eval.spec import parse_metrics
 
     # Cheap checks first: a misspelt metric or path is reported before any model loads.
     metrics = parse_metrics(args.metrics)

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import IDAnimatorError, InvalidRequestError
-
-
-class ModelUnavailableError(IDAnimatorError):
-    """A metric's model cannot be loaded (not installed, not on disk, or broken): that metric is null."""
-
+from ..errors import InvalidRequestError
 
 FACE_METRICS = ("FaceSim-Arc", "FaceSim-Cur", "FaceSim-dlib")
 CLIP_METRICS = ("CLIPScore", "CLIP-Temporal", "CLIPDist")

@@ -1,13 +1,42 @@
-"""Tiny mode's LoadOptions: every part, and the extras' models, from the tiny random kits."""
+"""Where tiny mode is chosen: :func:`load_options` gives the real parts' LoadOptions, or the tiny kit's.
+
+Every caller (``IDAnimatorPipeline.from_pretrained``, the studio, training, the CLI) asks here instead of
+choosing between the two itself. Tiny mode takes every part not given from the tiny random kit, and the
+extras' models (control, fast mode, style LoRAs) are tiny too, built when a request first needs them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .control_kit import TinyControlModels
 from .kit import TINY_BACKBONES, build_tiny_kit, default_tiny_dir
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..models import LoadOptions
+
 TINY_STYLE_LORAS = {"tiny-style": 0, "tiny-style-kohya": 1}  # name -> seed; the second in kohya's layout
+
+
+def load_options(
+    *,
+    tiny: bool,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    offload: str = "none",
+    **parts,
+) -> LoadOptions:
+    """Where every part comes from and how pipelines are placed (float16 on CUDA, float32 on the CPU unless
+    ``dtype`` says otherwise). ``parts``: any other :class:`LoadOptions` field (``face_adapter``,
+    ``motion_adapter``, ``image_encoder``, ``base``, ``allow_hub_ids``, ...); a part given as None is the
+    registry's, or with ``tiny`` the tiny kit's."""
+    from ..models import LoadOptions  # here, so importing the tiny kit does not import diffusers
+
+    if tiny:
+        return tiny_load_options(device=device, dtype=dtype, offload=offload, **parts)
+    return LoadOptions.for_device(device, dtype, offload=offload, **parts)
 
 
 def tiny_fast_folder() -> Path:
@@ -19,7 +48,7 @@ def tiny_fast_folder() -> Path:
 
 def tiny_lora_folder() -> Path:
     """A folder of tiny random style LoRAs for the tiny kit (built on first use): tiny mode's LoRA choices."""
-    from .loras import save_tiny_lora
+    from .lora_kit import save_tiny_lora
 
     kit = build_tiny_kit(default_tiny_dir())
     folder = default_tiny_dir().parent / f"{default_tiny_dir().name}-loras"
@@ -32,10 +61,11 @@ def tiny_lora_folder() -> Path:
     return folder
 
 
-def tiny_load_options(root: str | Path | None = None, **overrides):
+def tiny_load_options(root: str | Path | None = None, **overrides) -> LoadOptions:
     """LoadOptions that take every part not given in ``overrides`` from the tiny kit (built on first use); the
     extras' models (control, fast mode, style LoRAs) are tiny too, built when a request first needs them."""
     from ..models import LoadOptions
+    from .control_kit import TinyControlModels
 
     kit = build_tiny_kit(root or default_tiny_dir())
     parts = {

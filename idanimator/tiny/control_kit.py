@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..extras.control_models import ControlModels
-from ..extras.spec import CONTROL_KINDS
 from ..files import atomic_folder
+from ..request import CONTROL_KINDS
 
 CONTROL_KIT_VERSION = 2
 _EMBEDDING_CHANNELS = (8, 8, 16, 16)  # the condition encoder: three stride-2 convolutions, images -> latents' size
