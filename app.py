@@ -110,7 +110,7 @@ from idanimator import registry, settings
 from idanimator.console import quiet_loading_bars
 from idanimator.errors import IDAnimatorError, InvalidRequestError
 from idanimator.prompts import DEFAULT_NEGATIVE_PROMPT
-from idanimator.request import ControlSpec, GenerationRequest, KeyFrame, LoraSpec
+from idanimator.request import SPARSE_KINDS, VIDEO_KINDS, ControlSpec, GenerationRequest, KeyFrame, LoraSpec
 from idanimator.studio import Failed, Finished, Job, Progress, Segment, Studio, StudioOptions, face_strip
 
 log = logging.getLogger("idanimator.app")
@@ -119,10 +119,15 @@ MAX_UPLOAD = "20mb"  # per file; larger uploads are refused before they reach Py
 STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
 ZERO_GPU = bool(spaces.config.Config.zero_gpu)
 ASSETS = Path(__file__).resolve().parent / "assets"
-HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale"]  # then the size
-HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "size"]
+HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale"]  # then size, options
+HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "size", "options"]
 # Pixels: 1085 in all, so a desktop shows every column; a phone scrolls the table sideways.
-HISTORY_WIDTHS = [110, 380, 190, 75, 70, 90, 90, 80]
+HISTORY_WIDTHS = [85, 290, 140, 65, 60, 80, 75, 70, 220]
+# Keeps the results in view beside the options on a desktop; on a phone the columns stack as usual.
+CSS = """
+@media (min-width: 900px) { #results { position: sticky; top: 8px; align-self: flex-start; } }
+#preview img { object-fit: contain; }
+"""
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
 # Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
 # after its first message, so repeated errors never pile up for longer than this.
@@ -345,20 +350,32 @@ def show_control(**values):
 def show_estimate(**values):
     """Before a run: how long it will take, from the speed of this server's last video."""
     try:
-        seconds = studio().estimate_seconds(request_from_page(values)[1])
+        seconds = studio().estimate_seconds(request_from_page({**values, "prompt": "-"})[1])  # any prompt: same time
     except (IDAnimatorError, gr.Error):
         return ""
     if seconds is None:
         return "The time estimate appears after this server's first video."
-    shown = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-    return f"Estimated denoising time: about {shown} (from the speed of the last video here)."
+    if seconds < 1:
+        shown = "under a second"
+    else:
+        shown = f"about {seconds:.0f} s" if seconds < 120 else f"about {seconds / 60:.1f} min"
+    return f"Estimated denoising time: {shown} (from the speed of the videos made here)."
 
 
-def fast_defaults(fast):
-    """Fast mode's own steps and guidance, or the release's when it is turned off."""
+def fast_defaults(fast, steps, guidance, saved):
+    """Ticked: fast mode's own steps and guidance, keeping what the user had; unticked: what they had back."""
     if fast:
-        return gr.update(value=settings.FAST_STEPS), gr.update(value=settings.FAST_GUIDANCE)
-    return gr.update(value=settings.STEPS.default), gr.update(value=settings.GUIDANCE.default)
+        return gr.update(value=settings.FAST_STEPS), gr.update(value=settings.FAST_GUIDANCE), (steps, guidance)
+    if saved:
+        return gr.update(value=saved[0]), gr.update(value=saved[1]), None
+    return gr.update(), gr.update(), None
+
+
+def control_visibility(kind):
+    """Only the inputs of the chosen control: keyframes for SparseCtrl, a driving video for ControlNets."""
+    sparse, video = kind in SPARSE_KINDS, kind in VIDEO_KINDS
+    shown = [gr.update(visible=sparse), gr.update(visible=sparse), gr.update(visible=video)]
+    return [*shown, gr.update(visible=bool(kind)), gr.update(visible=bool(kind)), gr.update(visible=bool(kind))]
 
 
 def generate(history, request: gr.Request, progress=gr.Progress(), control_images=None, control_video=None, **values):
@@ -425,11 +442,63 @@ def history_gallery(history):
 
 
 def history_table(history):
-    """The settings of this session's videos, newest first (size as height x width, like the presets)."""
+    """The settings of this session's videos, newest first (size as height x width, like the presets; the
+    options beyond the release in words)."""
     return [
-        [*(item.get(k) for k in HISTORY_KEYS), f"{item.get('height')}x{item.get('width')}"]
+        [*(item.get(k) for k in HISTORY_KEYS), f"{item.get('height')}x{item.get('width')}", options_text(item)]
         for item in reversed(history or [])
     ]
+
+
+def options_text(item: dict) -> str:
+    """A video's options beyond the release, e.g. "fast, FreeInit, LoRA tiny-style 0.8, canny 1.0"."""
+    words = ["fast"] if item.get("fast") else []
+    words += ["FreeInit"] if item.get("free_init") else []
+    words += [f"LoRA {Path(lora['source']).stem} {lora['weight']:g}" for lora in item.get("loras") or []]
+    if item.get("control"):
+        words.append(f"{item['control']} {item.get('control_strength', 1.0):g}")
+    return ", ".join(words)
+
+
+def restore_settings(history, event: gr.SelectData):
+    """A row of the settings table clicked: that video's settings back into the form (the photos and control
+    files stay as they are). Returns the updates of RESTORED's widgets, in that order."""
+    rows = list(reversed(history or []))
+    row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+    if not isinstance(row, int) or not 0 <= row < len(rows):
+        return [gr.update() for _ in RESTORED]
+    item = rows[row]
+    size = (item.get("height"), item.get("width"))
+    label = next((name for name, hw in resolutions(studio()).items() if hw == size), None)
+    values = {
+        **{name: item.get(name) for name in RESTORED if name in item},
+        "randomize_seed": False,
+        "resolution": label,
+        "loras": [Path(lora["source"]).stem for lora in item.get("loras") or []],
+        "control": item.get("control") or "",
+    }
+    return [gr.update() if values.get(name) is None else gr.update(value=values[name]) for name in RESTORED]
+
+
+# The form's widgets a past video's settings are restored into (by page_inputs' names).
+RESTORED = (
+    "prompt",
+    "negative_prompt",
+    "add_prompt_suffix",
+    "backbone",
+    "seed",
+    "randomize_seed",
+    "id_scale",
+    "num_frames",
+    "steps",
+    "guidance_scale",
+    "fps",
+    "resolution",
+    "fast",
+    "free_init",
+    "loras",
+    "control",
+)
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -465,17 +534,18 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
         gr.Markdown("# idanimator\nOne face photo and a prompt: a short video of that person (ID-Animator).")
         banner = gr.Markdown(banner_markdown, visible=bool(banner_markdown), elem_id="banner")
         history = gr.State([])
-        with gr.Row():
-            with gr.Column():
+        with gr.Row(equal_height=False):
+            with gr.Column(elem_id="inputs"):
                 files = gr.File(
                     label="Face photo(s): drop one or more; several photos of one person are mixed",
                     file_count="multiple",
                     file_types=["image"],
+                    height=110,
                     elem_id="faces",
                 )
                 crops = gr.Image(
                     label="What the model sees (aligned faces)",
-                    height=170,
+                    height=120,
                     interactive=False,
                     buttons=[],
                     elem_id="crops",
@@ -487,16 +557,14 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     max_length=settings.MAX_TEXT_CHARS,
                     elem_id="prompt",
                 )
-                backbone = gr.Dropdown(
-                    backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
-                )
-                custom_backbone = gr.Textbox(
-                    "",
-                    label="Or a local backbone file/folder, or a Hub id (operator option)",
-                    visible=engine.options.allow_custom_backbones,
-                    elem_id="custom-backbone",
-                )
+                with gr.Row():  # where the prompt is: nothing to scroll past
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
+                estimate = gr.Markdown(elem_id="estimate")
                 with gr.Row():
+                    backbone = gr.Dropdown(
+                        backbone_choices(engine), value=defaults["backbone"], label="Backbone", elem_id="backbone"
+                    )
                     seed = gr.Number(
                         label="Seed",
                         value=42,
@@ -506,73 +574,105 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                         elem_id="seed",
                     )
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
-                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                    negative = gr.Textbox(
-                        label="Negative prompt (the release's default)",
-                        value=DEFAULT_NEGATIVE_PROMPT,
-                        lines=3,
-                        max_lines=8,
-                        max_length=settings.MAX_TEXT_CHARS,
-                        elem_id="negative-prompt",
-                    )
-                    add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
-                    id_scale = slider(
-                        settings.ID_SCALE,
-                        defaults["id_scale"],
-                        "ID scale (higher: more like the photo; lower: follows the prompt)",
-                        elem_id="id-scale",
-                    )
-                    frames = slider(settings.FRAMES, defaults["num_frames"], elem_id="frames", maximum=caps.max_frames)
-                    steps = slider(settings.STEPS, defaults["steps"], elem_id="steps", maximum=caps.max_steps)
-                    guidance = slider(settings.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
-                    fps = slider(settings.FPS, defaults["fps"], elem_id="fps")
-                    resolution = gr.Radio(
-                        list(resolutions(engine)), value=defaults["resolution"], label="Resolution (height x width)"
-                    )
-                with gr.Accordion("Beyond the release: fast mode, FreeInit, style LoRAs", open=False, elem_id="more"):
-                    with gr.Row():
-                        fast = gr.Checkbox(label=f"Fast mode (AnimateLCM, {settings.FAST_STEPS} steps)", elem_id="fast")
-                        free_init = gr.Checkbox(label="FreeInit (steadier motion, 3x the time)", elem_id="free-init")
-                    lora_names = list(engine.loras())
-                    loras = gr.Dropdown(
-                        lora_names,
-                        value=[],
-                        multiselect=True,
-                        label="Style LoRAs",
-                        visible=bool(lora_names),
-                        elem_id="loras",
-                    )
-                    lora_weight = slider(
-                        settings.LORA_WEIGHT, 1.0, "LoRA weight", visible=bool(lora_names), elem_id="lora-weight"
-                    )
-                with gr.Accordion(
-                    "Control: sketch or image keyframes, pose, depth, edges", open=False, elem_id="control"
-                ):
-                    control = gr.Dropdown(CONTROL_CHOICES, value="", label="Control", elem_id="control-kind")
-                    control_images = gr.File(
-                        label="Keyframe images (sketch or image keyframes)",
-                        file_count="multiple",
-                        file_types=["image"],
-                        elem_id="control-images",
-                    )
-                    control_frames = gr.Textbox(
-                        "",
-                        label="Their frames, in upload order (e.g. 0, 15; empty: spread over the video)",
-                        elem_id="control-frames",
-                    )
-                    control_video = gr.File(  # gradio's "video" type leaves GIF out
-                        label="Driving video (pose, depth or edges): MP4, WebM, MOV or GIF",
-                        file_types=["video", ".gif"],
-                        elem_id="control-video",
-                    )
-                    control_strength = slider(
-                        settings.CONTROL_STRENGTH, 1.0, "Control strength", elem_id="control-strength"
-                    )
-                    control_preview = gr.Gallery(
-                        label="What the control feeds the model", columns=4, height=170, elem_id="control-preview"
-                    )
-                    control_notes = gr.Markdown(elem_id="control-notes")
-                estimate = gr.Markdown(elem_id="estimate")
+                custom_backbone = gr.Textbox(
+                    "",
+                    label="Or a local backbone file/folder, or a Hub id (operator option)",
+                    visible=engine.options.allow_custom_backbones,
+                    elem_id="custom-backbone",
+                )
+                # The options in tabs: one is open at a time, so the result column stays beside them.
+                with gr.Tabs(elem_id="options"):
+                    with gr.Tab("Examples", elem_id="examples-tab"):
+                        examples_box = gr.Column()
+                    with gr.Tab("Advanced", elem_id="advanced"):
+                        negative = gr.Textbox(
+                            label="Negative prompt (the release's default)",
+                            value=DEFAULT_NEGATIVE_PROMPT,
+                            lines=3,
+                            max_lines=8,
+                            max_length=settings.MAX_TEXT_CHARS,
+                            elem_id="negative-prompt",
+                        )
+                        add_suffix = gr.Checkbox(label="Add the release's quality words to the prompts", value=True)
+                        id_scale = slider(
+                            settings.ID_SCALE,
+                            defaults["id_scale"],
+                            "ID scale (higher: more like the photo; lower: follows the prompt)",
+                            elem_id="id-scale",
+                        )
+                        with gr.Row():
+                            frames = slider(
+                                settings.FRAMES, defaults["num_frames"], elem_id="frames", maximum=caps.max_frames
+                            )
+                            steps = slider(settings.STEPS, defaults["steps"], elem_id="steps", maximum=caps.max_steps)
+                        with gr.Row():
+                            guidance = slider(settings.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
+                            fps = slider(settings.FPS, defaults["fps"], elem_id="fps")
+                        resolution = gr.Radio(
+                            list(resolutions(engine)),
+                            value=defaults["resolution"],
+                            label="Resolution (height x width)",
+                            elem_id="resolution",
+                        )
+                    with gr.Tab("Beyond the release", elem_id="more"):
+                        with gr.Row():
+                            fast = gr.Checkbox(
+                                label=f"Fast mode (AnimateLCM, {settings.FAST_STEPS} steps)", elem_id="fast"
+                            )
+                            free_init = gr.Checkbox(
+                                label="FreeInit (steadier motion, 3x the time)", elem_id="free-init"
+                            )
+                        lora_names = list(engine.loras())
+                        loras = gr.Dropdown(
+                            lora_names,
+                            value=[],
+                            multiselect=True,
+                            label="Style LoRAs",
+                            visible=bool(lora_names),
+                            elem_id="loras",
+                        )
+                        lora_weight = slider(
+                            settings.LORA_WEIGHT, 1.0, "LoRA weight", visible=bool(lora_names), elem_id="lora-weight"
+                        )
+                    with gr.Tab("Control", elem_id="control"):
+                        control = gr.Dropdown(
+                            CONTROL_CHOICES,
+                            value="",
+                            label="Control: sketch or image keyframes, pose, depth, edges",
+                            elem_id="control-kind",
+                        )
+                        # Only the chosen kind's inputs show (control_visibility).
+                        control_images = gr.File(
+                            label="Keyframe images (sketch or image keyframes)",
+                            file_count="multiple",
+                            file_types=["image"],
+                            visible=False,
+                            elem_id="control-images",
+                        )
+                        control_frames = gr.Textbox(
+                            "",
+                            label="Their frames, in upload order (e.g. 0, 15; empty: spread over the video)",
+                            visible=False,
+                            elem_id="control-frames",
+                        )
+                        control_video = gr.File(  # gradio's "video" type leaves GIF out
+                            label="Driving video (pose, depth or edges): MP4, WebM, MOV or GIF",
+                            file_types=["video", ".gif"],
+                            visible=False,
+                            elem_id="control-video",
+                        )
+                        control_strength = slider(
+                            settings.CONTROL_STRENGTH,
+                            1.0,
+                            "Control strength",
+                            visible=False,
+                            elem_id="control-strength",
+                        )
+                        control_heading = gr.Markdown("**What the control feeds the model**", visible=False)
+                        control_preview = gr.Gallery(
+                            show_label=False, columns=4, height="auto", visible=False, elem_id="control-preview"
+                        )
+                        control_notes = gr.Markdown(elem_id="control-notes")
                 # The page's inputs, listed once, by name: Generate, the control preview and the time estimate
                 # receive them as keyword arguments, and API clients call /generate with these names.
                 page_inputs = dict(
@@ -607,21 +707,21 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 ]
                 examples = [[str(ASSETS / name), [str(ASSETS / name)], text] for name, text in examples]
                 examples = [example for example in examples if os.path.exists(example[0])]
-                if examples:
+                with examples_box:
                     thumbnail = gr.Image(label="Photo", type="filepath", visible=False)  # the examples' first column
-                    gr.Examples(
-                        examples=examples,
-                        inputs=[thumbnail, files, prompt],
-                        visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the file list is filled too)
-                        label="Examples: click one, then Generate",
-                        elem_id="examples",
-                        cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
-                    )
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", elem_id="stop")
-            with gr.Column():
-                preview = gr.Image(label="Preview while denoising", height=120, interactive=False, elem_id="preview")
+                    if examples:
+                        gr.Examples(
+                            examples=examples,
+                            inputs=[thumbnail, files, prompt],
+                            visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the files are filled too)
+                            label="Click one, then Generate",
+                            elem_id="examples",
+                            cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
+                        )
+            with gr.Column(elem_id="results"):  # sticky (CSS): in view while the options are scrolled
+                preview = gr.Image(
+                    label="Preview while denoising", height=120, interactive=False, buttons=[], elem_id="preview"
+                )
                 live = gr.Video(
                     label="Streaming (plays while the rest is decoded)",
                     streaming=True,
@@ -635,22 +735,24 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 gallery = gr.Gallery(
                     label="This session's videos",
                     columns=2,  # wide enough for the captions, on a phone too
-                    height=320,  # a row of (square) thumbnails, captions included
+                    height="auto",
                     object_fit="contain",
                     fit_columns=False,
                     elem_id="history",
                 )
         table = gr.Dataframe(  # the page's full width: on a desktop every column shows
             headers=HISTORY_HEADERS,
-            label="Settings of this session's videos",
+            label="Settings of this session's videos (click a row to bring its settings back into the form)",
             interactive=False,
             wrap=True,
             column_widths=HISTORY_WIDTHS,
             elem_id="history-table",
         )
+        saved_speed = gr.State(None)  # steps and guidance before fast mode was ticked
 
         # -- events ----------------------------------------------------------------------------
         demo.load(page_banner, None, banner, queue=False)
+        demo.load(show_estimate, None, estimate, inputs_kwargs=page_inputs, queue=False, show_progress="hidden")
         files.change(show_faces, files, [crops, face_notes], api_name="faces", concurrency_limit=2)
         # Progress shows on the preview only, so an error is just its message (a toast): the last video and the seed
         # stay as they were, and the "Error" badge gradio leaves on the preview is cleared at once.
@@ -667,7 +769,27 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
             history_table, history, table, queue=False, show_progress="hidden"
         )
         stop.click(stopped, None, seed_used, cancels=[event], api_name="stop", queue=False)
-        fast.change(fast_defaults, fast, [steps, guidance], queue=False, api_visibility="private")
+        fast.input(  # the user's tick only (not a restored setting): a restored fast video keeps its own steps
+            fast_defaults,
+            [fast, steps, guidance, saved_speed],
+            [steps, guidance, saved_speed],
+            queue=False,
+            api_visibility="private",
+        )
+        control.change(
+            control_visibility,
+            control,
+            [control_images, control_frames, control_video, control_strength, control_heading, control_preview],
+            queue=False,
+            api_visibility="private",
+        )
+        table.select(
+            restore_settings,
+            history,
+            [page_inputs[name] for name in RESTORED],
+            queue=False,
+            api_visibility="private",
+        )
         for widget in (control, control_images, control_frames, control_video, frames, resolution):
             widget.change(
                 show_control,
@@ -766,6 +888,7 @@ def main(args: argparse.Namespace | None = None) -> None:
         share=args.share,
         max_file_size=MAX_UPLOAD,
         allowed_paths=[str(engine.outputs.root)],
+        css=CSS,
         quiet=True,  # gradio's hints (e.g. "set share=True", which --share does) are not for our users
         prevent_thread_lock=True,
     )

@@ -6,7 +6,8 @@ so that ``eval --faces`` pairs each video with the photo it was made from. The m
 is checked (a face is found) before it loads, and each video is written atomically, so an interrupted run
 can simply be started again: videos already there are kept (``overwrite`` makes them anew), the hidden
 partial files a killed run left are removed, and when all are there the model is not loaded at all.
-``OUT/generation.json`` records the settings.
+``OUT/generation.json`` records the settings, and each MP4 carries its own (``idanimator.video.read_settings``).
+Progress is a bar on a terminal and plain lines in a log (``console.progress``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .console import progress
 from .errors import IDAnimatorError
 from .eval.pairing import FACE_SUFFIXES, SEPARATOR
 from .files import atomic_path, ensure_folder, is_hidden, kind_problem, remove_stale_partials
@@ -141,7 +143,7 @@ def run_batch(
     say: Callable[[str], None] | None = None,
 ) -> int:
     """Make each job's video and prompt file with one loaded pipeline; returns how many were written.
-    ``request``: the settings every video shares (its prompt and seed are each job's)."""
+    ``request``: the settings every video shares (its prompt and seed are each job's); each MP4 carries its own."""
     from tqdm import tqdm
 
     from .service import out_of_memory_guard
@@ -149,12 +151,12 @@ def run_batch(
 
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     out = ensure_folder(Path(out).expanduser())
-    for job in tqdm(jobs, desc="generating", unit="video", file=sys.stderr):
+    for job in progress(jobs, desc="generating", unit="video"):
         with out_of_memory_guard():
             result = pipe(crops[job.face], request=request.replace(prompt=job.prompt, seed=job.seed))
         for warning in result.warnings:
             say(f"warning: {job.name}: {warning}")
         with atomic_path(out / f"{job.name}.txt") as temp:
             temp.write_text(job.prompt + "\n", encoding="utf-8")
-        write_mp4(result.frames, out / f"{job.name}.mp4", fps=request.fps)
+        write_mp4(result.frames, out / f"{job.name}.mp4", fps=request.fps, settings=result.request.settings())
     return len(jobs)

@@ -1,12 +1,13 @@
 """The app's output folder: generated files under random names, pruned by age and count so it stays bounded.
 
-The app writes into a folder of its own, ``idanimator-outputs`` inside the folder the operator names (or the
-system's temporary folder), and serves that folder: anyone who knows a file's random name can download it.
+The app writes into a folder of its own, ``idanimator-outputs`` inside the folder the operator names (or, by
+default, the user's own cache folder: :func:`default_output_parent`), and serves that folder: anyone who knows a file's random name can download it.
 Pruning removes only entries named as this module names them, so nothing an operator keeps there is touched.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -17,6 +18,16 @@ from .errors import IDAnimatorError
 
 FOLDER_NAME = "idanimator-outputs"  # the app's own folder inside the operator's --output-dir
 _OURS = re.compile(r"[0-9a-f]{16}(\.[a-z0-9]{1,5})?")  # what new_path/new_folder name: 16 hex digits (+ suffix)
+
+
+def default_output_parent() -> Path:
+    """Where the app's folder goes without ``--output-dir``: the user's own cache, ``$IDANIMATOR_CACHE``, else
+    ``$XDG_CACHE_HOME/idanimator``, else ``~/.cache/idanimator`` (as the tiny kit), rather than the system's
+    temporary folder, which every user and app on a machine shares."""
+    root = os.environ.get("IDANIMATOR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "idanimator"
+    )
+    return Path(root)
 
 
 def own_folder(parent: Path) -> Path:

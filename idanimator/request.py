@@ -150,6 +150,7 @@ class GenerationRequest:
         values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         values["loras"] = [asdict(lora) for lora in self.loras]
         values["control"] = None if self.control is None else self.control.kind
+        values["control_strength"] = None if self.control is None else self.control.strength
         return values
 
 

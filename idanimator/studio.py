@@ -22,6 +22,8 @@ import torch
 
 from . import settings as limits
 from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
+from .estimate import SpeedModel
+from .extras.freeinit import passes as freeinit_passes
 from .extras.longvideo import work_units
 from .outputs import OutputFolder, own_folder
 from .preview import preview_strip, tile_images
@@ -165,7 +167,7 @@ class Studio:
         self._run_lock = threading.Lock()
         self.ready = threading.Event()  # set when warm_up() has finished (successfully or not)
         self.warm_error: str | None = None
-        self._seconds_per_unit: float | None = None  # the last video's denoising speed, for estimates
+        self.speed = SpeedModel()  # this process's denoising speed, from its videos, for estimates
 
     @property
     def device(self) -> str:
@@ -264,14 +266,13 @@ class Studio:
         return replace(request, backbone=backbone, loras=loras)  # still valid: the values were checked
 
     def estimate_seconds(self, request: GenerationRequest) -> float | None:
-        """How long a request's denoising will take here, from the speed of the last video made by this
-        process (None before the first one, or if the request is not valid yet)."""
-        if self._seconds_per_unit is None:
-            return None
+        """How long a request's denoising will take here, from the videos made by this process (None before the
+        first one, or if the request is not valid yet)."""
         try:
-            return self._seconds_per_unit * work_units(request.validate())
+            request = request.validate()
         except IDAnimatorError:
             return None
+        return self.speed.estimate(request.steps * freeinit_passes(request), work_units(request))
 
     def preview_control(self, request: GenerationRequest) -> list:
         """The conditioning frames a request's control would feed the model (edges, pose, keyframes),
@@ -303,9 +304,15 @@ class Studio:
             try:
                 with self.service.guard():
                     pipe = self.service.pipeline(request.backbone)
-                    started = time.monotonic()
-                    result = yield from self._denoise(pipe, job, stop, preview_every or max(1, request.steps // 6))
-                    self._seconds_per_unit = (time.monotonic() - started) / job.work_units()
+                    started, first_step = time.monotonic(), []
+                    every = preview_every or max(1, request.steps // 6)
+                    result = yield from self._denoise(pipe, job, stop, every, first_step)
+                    self.speed.record(
+                        before_s=first_step[0] - started if first_step else 0.0,
+                        steps=request.steps * freeinit_passes(request),
+                        work=job.work_units(),
+                        loop_s=time.monotonic() - (first_step[0] if first_step else started),
+                    )
                     # Decoding and encoding run ahead in a worker while the caller handles the previous
                     # segment (gradio probes and re-muxes each one: two processes per segment).
                     video = yield from _in_worker(lambda emit: self._write(pipe, job, result, stop, stream, emit), stop)
@@ -320,11 +327,14 @@ class Studio:
             seconds=time.monotonic() - job.created,
         )
 
-    def _denoise(self, pipe, job: Job, stop: threading.Event, every: int):
-        """Denoise in a worker thread, yielding its Progress events as they come; returns the result."""
+    def _denoise(self, pipe, job: Job, stop: threading.Event, every: int, first_step: list):
+        """Denoise in a worker thread, yielding its Progress events as they come; returns the result. The time of
+        the first step's end goes into ``first_step`` (what comes before it is the prompt and face encoding)."""
 
         def work(emit):
             def on_step(step, total, latents):
+                if not first_step:
+                    first_step.append(time.monotonic())
                 preview = preview_strip(latents) if (step + 1) % every == 0 or step + 1 == total else None
                 emit(Progress(step + 1, total, preview))
 

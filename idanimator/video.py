@@ -13,10 +13,14 @@ hand back more than ``max_pixels`` (``settings.MAX_DECODED_PIXELS`` for :func:`r
 decoded size: frames can be shrunk in the decoder to what the caller needs (``size``, ``cover``,
 ``max_side``). Every failure is an :class:`~idanimator.errors.UnreadableVideoError` (or its
 :class:`~idanimator.errors.VideoTooLargeError`) with one sentence naming the file's base name.
+
+:func:`read_settings` reads back the generation settings an MP4 written here carries (its ``comment`` tag, read
+from the file's boxes in Python: no decoding, no second program or package).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UnreadableVideoError, VideoTooLargeError
+from .errors import InvalidRequestError, UnreadableVideoError, VideoTooLargeError
 from .settings import MAX_DECODED_PIXELS, MAX_SOURCE_PIXELS
 from .video_writers import (  # noqa: F401  (the writers' public names, imported from here)
     DEFAULT_CRF,
     DEFAULT_FPS,
+    SETTINGS_VERSION_KEY,
     Frames,
     Mp4Writer,
     check_output_path,
@@ -265,3 +270,78 @@ def read_video(
         raise UnreadableVideoError(f"The video {info.name} has no frames.")
     order = list(got) if indices is None else [int(i) for i in indices]
     return Video(frames=np.stack([got[i] for i in order]), fps=info.fps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings a video carries
+
+_COMMENT_PATH = (b"moov", b"udta", b"meta", b"ilst", b"\xa9cmt", b"data")  # where ffmpeg's mp4 muxer puts it
+_MAX_COMMENT_BYTES = 1 << 20
+
+
+def read_settings(path: str | os.PathLike[str], *, required: bool = False) -> dict | None:
+    """The generation settings an MP4 written here carries (``GenerationRequest.settings()`` and
+    ``idanimator_version``), or None for a video without them (another program's, a GIF, one made before
+    videos carried them); with ``required``, that is an InvalidRequestError sentence instead. A missing file
+    is an UnreadableVideoError. Only the file's index is read (its boxes, in Python), never its frames."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableVideoError(f"The video {path.name} does not exist.")
+    try:
+        with open(path, "rb") as file:
+            raw = _mp4_comment(file, path.stat().st_size)
+    except OSError as exc:
+        raise UnreadableVideoError(f"The video {path.name} could not be read ({exc.strerror or exc}).") from exc
+    record = None
+    if raw is not None:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            record = None
+    if not isinstance(record, dict) or SETTINGS_VERSION_KEY not in record:
+        if required:
+            raise InvalidRequestError(
+                f"The video {path.name} carries no generation settings: only MP4s made by idanimator "
+                "(generate, its batch mode, or the app) do."
+            )
+        return None
+    return record
+
+
+def _mp4_comment(file, size: int) -> bytes | None:
+    """The bytes of the ``comment`` tag (``moov/udta/meta/ilst/©cmt/data``), or None (not there, or not an MP4)."""
+    start, end = 0, size
+    for kind in _COMMENT_PATH:
+        found = _find_box(file, start, end, kind)
+        if found is None:
+            return None
+        start, end = found
+        if kind == b"meta":  # an ISO "full box": version and flags before its children (QuickTime's has none)
+            file.seek(start)
+            if file.read(4) == bytes(4):
+                start += 4
+    if end - start < 8 or end - start - 8 > _MAX_COMMENT_BYTES:
+        return None
+    file.seek(start + 8)  # after the data box's type indicator and locale
+    return file.read(end - start - 8)
+
+
+def _find_box(file, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    """(body start, body end) of the first box named ``kind`` between ``start`` and ``end``; None when there is
+    none or a box's size does not fit (not an MP4, or cut short)."""
+    while start + 8 <= end:
+        file.seek(start)
+        head = file.read(16)
+        if len(head) < 8:
+            return None
+        length, header = int.from_bytes(head[:4], "big"), 8
+        if length == 1 and len(head) == 16:  # a 64-bit size follows the type
+            length, header = int.from_bytes(head[8:16], "big"), 16
+        elif length == 0:  # the box runs to the end of its container
+            length = end - start
+        if length < header or start + length > end:
+            return None
+        if head[4:8] == kind:
+            return start + header, start + length
+        start += length
+    return None

@@ -6,10 +6,15 @@ Every file goes through ``files.atomic_path``, so a crash, a full disk or a fail
 half-written video under the name the user asked for. MP4s are encoded by imageio-ffmpeg's bundled ffmpeg
 (no system ffmpeg is needed) with the settings browsers require: H.264, yuv420p, even width and height, and
 the index (``moov``) at the front so playback can start before the download ends.
+
+An MP4 may also carry the settings that made it (``settings=``: a request's ``settings()``, never the face
+photo), as JSON in its ``comment`` tag (``moov/udta/meta/ilst/©cmt``), which players show and
+:func:`idanimator.video.read_settings` reads back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +39,7 @@ _BT709 = (
 )
 
 Frames = np.ndarray | Sequence[Any]
+SETTINGS_VERSION_KEY = "idanimator_version"  # in a video's settings record: the package that wrote it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,14 +111,21 @@ def pad_to_even(frame: np.ndarray) -> np.ndarray:
 # Writers
 
 
-def write_mp4(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF) -> Path:
+def write_mp4(
+    frames: Frames,
+    path: str | os.PathLike[str],
+    fps: float = DEFAULT_FPS,
+    crf: int = DEFAULT_CRF,
+    settings: dict | None = None,
+) -> Path:
     """Write a browser-playable MP4 (H.264, yuv420p, faststart) and return its path.
 
     ``crf`` is x264's constant rate factor: 0 is lossless, 51 is worst; 17-23 look good.
     Odd widths/heights are padded by one repeated edge pixel, since yuv420p needs even sizes.
+    ``settings``: what made the video (``GenerationRequest.settings()``), stored in it (see the module).
     """
     images = to_uint8_frames(frames)  # checked before any file is touched
-    with Mp4Writer(path, fps, crf) as writer:
+    with Mp4Writer(path, fps, crf, settings=settings) as writer:
         writer.write(images)
     return writer.path
 
@@ -125,10 +138,18 @@ class Mp4Writer:
                 out.write(chunk)
 
     The file appears under its name only when the block ends without an error and ffmpeg wrote every frame.
+    ``settings``: what made the video (``GenerationRequest.settings()``), stored in it (see the module).
     """
 
-    def __init__(self, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fps: float = DEFAULT_FPS,
+        crf: int = DEFAULT_CRF,
+        settings: dict | None = None,
+    ):
         self.fps, self.crf = FPS.check(fps), _CRF.check(crf)
+        self.comment = None if settings is None else settings_comment(settings)  # a bad record fails here
         self.path = Path(path)
         self.frames = 0
         self._size: tuple[int, ...] | None = None
@@ -144,7 +165,7 @@ class Mp4Writer:
         images = [pad_to_even(frame) for frame in to_uint8_frames(frames)]
         if self._size is None:
             self._size = images[0].shape
-            self._writer = _start_ffmpeg(self._temp, images[0].shape, self.fps, self.crf)
+            self._writer = _start_ffmpeg(self._temp, images[0].shape, self.fps, self.crf, self.comment)
         for index, image in enumerate(images):
             if image.shape != self._size:
                 raise ValueError(
@@ -176,8 +197,20 @@ class Mp4Writer:
         return self._atomic.__exit__(exc_type, exc, tb)
 
 
-def _start_ffmpeg(temp: Path, shape: tuple[int, ...], fps: int, crf: int):
+def settings_comment(settings: dict) -> str:
+    """The JSON a video's ``comment`` tag holds: the settings and the package version that wrote them. ASCII
+    only (other characters escaped), so it passes through ffmpeg's command line and tags unchanged."""
+    from . import __version__
+
+    if not isinstance(settings, dict):
+        raise TypeError(f"A video's settings must be a dict (GenerationRequest.settings()), not {type(settings)}.")
+    record = {SETTINGS_VERSION_KEY: __version__, **settings}
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+def _start_ffmpeg(temp: Path, shape: tuple[int, ...], fps: int, crf: int, comment: str | None = None):
     height, width = shape[:2]
+    tags = [] if comment is None else ["-metadata", f"comment={comment}"]
     writer = imageio_ffmpeg.write_frames(
         temp,
         (width, height),
@@ -187,7 +220,7 @@ def _start_ffmpeg(temp: Path, shape: tuple[int, ...], fps: int, crf: int):
         quality=None,  # its quality scale would add its own -crf; ours is in output_params
         macro_block_size=1,  # we pad to even sizes; a larger block makes imageio-ffmpeg rescale the picture
         ffmpeg_log_level="error",
-        output_params=["-vf", _BT709, "-crf", str(crf), "-movflags", "+faststart", "-f", "mp4"],
+        output_params=["-vf", _BT709, "-crf", str(crf), *tags, "-movflags", "+faststart", "-f", "mp4"],
     )
     try:
         writer.send(None)  # starts ffmpeg
@@ -306,15 +339,18 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def save_video(frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> Path:
+def save_video(
+    frames: Frames, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, settings: dict | None = None
+) -> Path:
     """Save by the name's suffix: ``.mp4``, ``.gif``, or a folder (no suffix) of PNG frames.
 
     Returns the file written, or the folder for PNG frames. See :func:`check_output_path` for what is refused.
+    ``settings`` are stored in an MP4 only (GIFs and PNG frames carry none).
     """
     path = check_output_path(path)
     suffix = path.suffix.lower()
     if suffix == ".mp4":
-        return write_mp4(frames, path, fps=fps)
+        return write_mp4(frames, path, fps=fps, settings=settings)
     if suffix == ".gif":
         return write_gif(frames, path, fps=fps)
     FPS.check(fps)  # PNGs carry no rate, but a bad one is still the caller's mistake

@@ -84,7 +84,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _unavailable(source: Source, what: str, exc: Exception | None = None) -> WeightsUnavailableError:
+# What a command can do besides getting the weights (None: the library, and the app, which also has --tiny).
+_MORE_ADVICE = {
+    None: " Or use --tiny to try it with random weights.",
+    "generate": " Or give local copies (--adapter, --motion-adapter, --image-encoder, --backbone, --base PATH), "
+    "or add --tiny to try the whole path with random weights.",
+    "download": "",
+}
+
+
+def _advice(command: str | None) -> str:
+    """How to get weights onto a machine that cannot download them: the cache travels as a folder."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    first = "Unset HF_HUB_OFFLINE if this machine is online; otherwise run" if offline_mode() else "Run"
+    return (
+        f"{first} `python -m idanimator download` on a machine that reaches the Hub, copy its Hugging Face cache "
+        "(the HF_HOME folder, ~/.cache/huggingface by default) here, and run with HF_HOME set to that copy and "
+        f"HF_HUB_OFFLINE=1 (this run looked in {HF_HUB_CACHE})." + _MORE_ADVICE.get(command, "")
+    )
+
+
+def _unavailable(
+    source: Source, what: str, exc: Exception | None = None, command: str | None = None
+) -> WeightsUnavailableError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     name = describe(source)
@@ -96,10 +119,7 @@ def _unavailable(source: Source, what: str, exc: Exception | None = None) -> Wei
         return WeightsUnavailableError(f"The {what} {name} does not exist on the Hugging Face Hub (or is private).")
     how = "HF_HUB_OFFLINE is set" if offline_mode() else "the Hugging Face Hub cannot be reached"
     return WeightsUnavailableError(
-        f"The {what} {name} is not in the local Hugging Face cache and {how}. "
-        "Connect to the internet and run `python -m idanimator download`, "
-        "or point to a local copy (e.g. --backbone PATH, --adapter PATH), "
-        "or use --tiny to try the app with random weights."
+        f"The {what} {name} is not in the local Hugging Face cache and {how}. {_advice(command)}"
     )
 
 
@@ -143,8 +163,28 @@ def is_cached(value: str | Source | Path) -> bool:
         return False
 
 
-def resolve(value: str | Source | Path, *, what: str = "model", allow_hub_ids: bool = True) -> Path:
-    """Return a local path for a weight: the cache first, then a download with progress bars."""
+def check_available(parts: list[tuple[str | Source | Path, str]], *, command: str | None = None) -> None:
+    """Before anything heavy is imported: every ``(name, what)`` is a local path that exists, complete in the
+    Hugging Face cache, or the Hub can be reached; otherwise the sentence for the first that is none of these
+    (with ``command``'s own advice). Nothing is downloaded here."""
+    for value, what in parts:
+        text = str(value) if isinstance(value, (str, Path)) else ""
+        looks_like_a_path = any(c in text for c in "/\\") or text.startswith((".", "~"))
+        if looks_like_a_path and parse_hub_id(text) is None and not Path(text).expanduser().exists():
+            raise WeightsUnavailableError(f"The {what} {text} does not exist.")
+        source = value if isinstance(value, Path) else parse_source(value)
+        if isinstance(source, Path):
+            if not source.exists():
+                raise WeightsUnavailableError(f"The {what} {source} does not exist.")
+        elif not is_cached(source) and not hub_reachable():
+            raise _unavailable(source, what, command=command)
+
+
+def resolve(
+    value: str | Source | Path, *, what: str = "model", allow_hub_ids: bool = True, command: str | None = None
+) -> Path:
+    """Return a local path for a weight: the cache first, then a download with progress bars. ``command``:
+    the CLI command asking, whose own advice the error adds (see :func:`check_available`)."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     source = value if isinstance(value, Path) else parse_source(value, allow_hub_ids=allow_hub_ids)
@@ -157,13 +197,11 @@ def resolve(value: str | Source | Path, *, what: str = "model", allow_hub_ids: b
     except (OSError, ValueError):
         pass  # not cached (LocalEntryNotFoundError is an OSError)
     if not hub_reachable():
-        raise _unavailable(source, what)
+        raise _unavailable(source, what, command=command)
     try:
         return _fetch(source, local_only=False)
-    except (GatedRepoError, RepositoryNotFoundError) as exc:
-        raise _unavailable(source, what, exc) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise _unavailable(source, what, exc) from exc
+    except (GatedRepoError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise _unavailable(source, what, exc, command=command) from exc
 
 
 def real_weights_status() -> tuple[str | None, bool]:

@@ -239,3 +239,57 @@ def test_generate_is_called_by_parameter_name_over_the_api(app):
     assert names[:4] == ["faces", "prompt", "negative_prompt", "add_prompt_suffix"]
     assert {"num_frames", "steps", "seed", "randomize_seed", "resolution", "control_video"} <= set(names)
     assert "history" not in names
+
+
+def test_unticking_fast_mode_gives_back_the_users_steps_and_guidance():
+    import app as page
+
+    steps, guidance, saved = page.fast_defaults(True, 4, 7.5, None)
+    assert (steps["value"], guidance["value"], saved) == (6, 1.5, (4, 7.5))
+    steps, guidance, saved = page.fast_defaults(False, 6, 1.5, saved)
+    assert (steps["value"], guidance["value"], saved) == (4, 7.5, None)
+
+
+@pytest.mark.parametrize(
+    "kind, shown",
+    [
+        ("", []),
+        ("sparse-sketch", ["images", "frames", "strength", "heading", "preview"]),
+        ("canny", ["video", "strength", "heading", "preview"]),
+    ],
+)
+def test_the_control_panel_shows_only_the_chosen_kinds_inputs(kind, shown):
+    import app as page
+
+    names = ["images", "frames", "video", "strength", "heading", "preview"]
+    updates = page.control_visibility(kind)
+    assert [name for name, update in zip(names, updates, strict=True) if update["visible"]] == shown
+
+
+def test_a_history_row_brings_every_setting_back_into_the_form(tiny_studio):
+    import gradio as gr
+
+    import app as page
+    from idanimator.request import ControlSpec, GenerationRequest, LoraSpec
+
+    page.build_demo(tiny_studio)
+    made = GenerationRequest(
+        prompt="a man surfing",
+        seed=9,
+        num_frames=12,
+        steps=5,
+        height=96,
+        width=64,
+        fast=True,
+        free_init=True,
+        loras=(LoraSpec("/kit/loras/tiny-style.safetensors", 0.7),),
+        control=ControlSpec("canny", video="drive.mp4", strength=0.5),
+    ).settings()
+    history = [{"video": "a.mp4", **made}, {"video": "b.mp4", **GenerationRequest(prompt="other").settings()}]
+    assert page.history_table(history)[1][-1] == "fast, FreeInit, LoRA tiny-style 0.7, canny 0.5"
+    event = gr.SelectData(None, {"index": [1, 0], "value": 9, "selected": True})
+    restored = dict(zip(page.RESTORED, page.restore_settings(history, event), strict=True))
+    assert restored["prompt"]["value"] == "a man surfing" and restored["seed"]["value"] == 9
+    assert restored["randomize_seed"]["value"] is False and restored["resolution"]["value"] == "64x96 (tiny)"
+    assert restored["fast"]["value"] is True and restored["free_init"]["value"] is True
+    assert restored["loras"]["value"] == ["tiny-style"] and restored["control"]["value"] == "canny"

@@ -35,6 +35,7 @@ LAYERS = {
     "request": 2,  # GenerationRequest: one request, validated once
     "adapter": 2,  # the face adapter, the official checkpoint's layer map
     "face": 2,
+    "arcface": 1,  # ArcFace (arcface_torch's iresnet) and the differentiable crop onto its template
     "video_writers": 2,
     "video": 3,  # the one video reader (and the writers' names)
     "models": 3,  # loading each part, assembling the diffusers pipeline
@@ -54,11 +55,13 @@ LAYERS = {
     "tiny.kit": 4,
     "tiny.control_kit": 5,
     "tiny.fast_kit": 5,
+    "tiny.arcface_kit": 5,  # the identity loss's tiny ArcFace
     "tiny.load": 6,  # load_options: the one place tiny mode is chosen
     "tiny": 7,  # the package re-exports its kit and load_options
     # generating
     "pipeline": 8,
     "service": 9,
+    "estimate": 0,  # SpeedModel: the time estimate learnt from the videos made here
     "studio": 10,  # the app's engine
     "batch": 10,  # generate's batch mode
     # build-dataset
@@ -68,12 +71,14 @@ LAYERS = {
     "data.remote": 1,
     "data.captions": 2,
     "data.manifest": 2,
+    "data.layout": 2,  # the videos' keys, shards and locks of build-dataset runs into one OUT
     "data.facepool": 3,
     "data.decode": 4,
     "data.build": 5,
     # train
     "training": 0,  # the package's file holds only its docstring
     "training.config": 1,  # every setting, checked before torch is imported
+    "training.identity_loss": 2,  # x0 estimate -> VAE -> template crop -> ArcFace
     "training.adapter_training": 3,
     "training.dataset": 4,
     "training.train": 9,  # the script: frozen models, loss, loop, checkpoints, validation videos

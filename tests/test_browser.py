@@ -24,6 +24,7 @@ ARGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 DESKTOP = {"width": 1400, "height": 1300}
+LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 if not os.path.exists(CHROMIUM):
@@ -46,12 +47,19 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport=DESKTOP)
         page.goto(url)
-        # The examples: thumbnails of the photos, just above Generate; the negative prompt waits in "Advanced".
+        # The examples: thumbnails of the photos in the first tab; Generate right under the prompt; the negative
+        # prompt waits in "Advanced"; the control panel shows only its kind chooser until a kind is chosen.
         examples = page.locator("#examples")
         examples.locator("img").first.wait_for(timeout=30_000)
         assert examples.locator("img").count() >= 3
-        assert examples.bounding_box()["y"] < page.locator("#generate").bounding_box()["y"]
+        prompt_box, generate_box = page.locator("#prompt").bounding_box(), page.locator("#generate").bounding_box()
+        assert 0 <= generate_box["y"] - (prompt_box["y"] + prompt_box["height"]) < 40
         assert not page.locator("#negative-prompt").is_visible()
+        page.get_by_role("tab", name="Control").click()
+        page.locator("#control-kind").wait_for()
+        hidden = ("#control-images", "#control-frames", "#control-video", "#control-strength", "#control-preview")
+        assert not any(page.locator(part).is_visible() for part in hidden)
+        page.get_by_role("tab", name="Examples").click()
         examples.get_by_text("a woman smiling and waving").click()  # fills the photo and the prompt
         page.locator("#crops img").wait_for(timeout=60_000)  # the aligned face is shown
         assert "smiling and waving" in page.locator("#prompt textarea").input_value()
@@ -100,7 +108,7 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         # Stop ends a long run at once (gradio cancels the event; the worker stops at its next step).
         examples.get_by_text("a woman smiling and waving").click()
         page.locator("#crops img").wait_for(timeout=60_000)
-        page.get_by_text("Advanced").click()
+        page.get_by_role("tab", name="Advanced").click()
         for slider, value in (("#frames", "32"), ("#steps", "100")):
             page.locator(f"{slider} input[type=number]").fill(value)
             page.locator(f"{slider} input[type=number]").press("Enter")
@@ -121,14 +129,23 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         for slider, value in (("#frames", "8"), ("#steps", "4")):
             page.locator(f"{slider} input[type=number]").fill(value)
             page.locator(f"{slider} input[type=number]").press("Enter")
-        page.locator("#more").get_by_text("Beyond the release").click()
+        page.get_by_role("tab", name="Beyond the release").click()
         page.locator("#fast input").check()
+        page.get_by_role("tab", name="Advanced").click()
         page.wait_for_function("() => document.querySelector('#steps input[type=number]').value === '6'")
+        page.get_by_role("tab", name="Beyond the release").click()
+        page.locator("#fast input").uncheck()  # the user's 4 steps come back, not the release's 30
+        page.get_by_role("tab", name="Advanced").click()
+        page.wait_for_function("() => document.querySelector('#steps input[type=number]').value === '4'")
+        page.get_by_role("tab", name="Beyond the release").click()
+        page.locator("#fast input").check()
         page.locator("#loras input").click()
         page.get_by_role("option", name="tiny-style", exact=True).click()
-        page.locator("#control").get_by_text("Control: sketch").click()
+        page.get_by_role("tab", name="Control").click()
         page.locator("#control-kind input").click()
         page.get_by_role("option", name="Edges from a video (canny ControlNet)").click()
+        page.locator("#control-video").wait_for()
+        assert not page.locator("#control-images").is_visible()  # keyframes mean nothing to canny
         page.locator("#control-video input[type=file]").set_input_files(str(moving_face_video(tmp_path, 10)))
         page.locator("#control-preview img").first.wait_for(timeout=60_000)  # the edges the model will get
         assert page.locator("#control-preview img").count() == 8
@@ -136,23 +153,28 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
         page.locator("#generate").click()
         page.get_by_text("Seed used: 77").wait_for(timeout=180_000)
         page.locator("#estimate").get_by_text("Estimated denoising time").wait_for(timeout=30_000)
-        assert page.locator("#history").get_by_text("seed 77").count() >= 1
+        page.locator("#history").get_by_text("seed 77").first.wait_for(timeout=30_000)
         # Then a long video (past the motion module's 32 frames) with FreeInit and a sketch keyframe at frame 3.
+        page.get_by_role("tab", name="Beyond the release").click()
         page.locator("#fast input").uncheck()
         page.locator("#free-init input").check()
+        page.get_by_role("tab", name="Control").click()
         page.locator("#control-kind input").click()
         page.get_by_role("option", name="Sketch keyframes (SparseCtrl)").click()
         page.locator("#control-images input[type=file]").set_input_files(str(no_face_path))
         page.locator("#control-frames textarea").fill("3")
         page.locator("#control-frames textarea").press("Tab")
         page.locator("#control-preview").get_by_text("frame 3").first.wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Advanced").click()
         page.locator("#steps input[type=number]").fill("2")
         page.locator("#steps input[type=number]").press("Enter")
         page.locator("#seed input").fill("78")
         page.locator("#generate").click()
         page.get_by_text("Seed used: 78").wait_for(timeout=180_000)
+        page.get_by_role("tab", name="Control").click()
         page.locator("#control-kind input").click()
         page.get_by_role("option", name="None").click()  # SparseCtrl has no long-video windows
+        page.get_by_role("tab", name="Advanced").click()
         page.locator("#frames input[type=number]").fill("40")
         page.locator("#frames input[type=number]").press("Enter")
         page.locator("#seed input").fill("79")
@@ -162,13 +184,38 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
             "() => { const v = document.querySelector('#result video'); return v && v.duration > 4; }", timeout=30_000
         )
 
+        # The history remembers the options: a row brings its settings back (the fast-mode video: 6 steps).
+        table = page.locator("#history-table")
+        table.get_by_text("canny 1").first.wait_for(timeout=30_000)
+        table.get_by_text("fast, LoRA tiny-style").first.click()
+        page.wait_for_function("() => document.querySelector('#steps input[type=number]').value === '6'")
+        page.get_by_role("tab", name="Beyond the release").click()
+        assert page.locator("#fast input").is_checked()
+
+        # One screen to work in, on a laptop: with any options tab open, Generate and the result are in view.
+        page.set_viewport_size(LAPTOP)
+        for tab in ("Examples", "Advanced", "Beyond the release", "Control"):
+            page.get_by_role("tab", name=tab).click()
+            page.evaluate("window.scrollTo(0, 0)")  # without scrolling
+            time.sleep(0.5)
+            for part in ("#generate", "#result video"):
+                box = page.locator(part).bounding_box()
+                assert box and 0 <= box["y"] and box["y"] + min(box["height"], 60) <= LAPTOP["height"], (tab, part)
+        page.screenshot(path=str(tmp_path / "laptop.png"))
+
         # A phone: the examples fit, captions stay whole (the settings table may scroll sideways there).
         page.set_viewport_size(PHONE)
+        page.get_by_role("tab", name="Examples").click()
         time.sleep(1)
         assert examples.evaluate(OVERFLOW) <= 1
         assert caption.evaluate(OVERFLOW) <= 1
+        assert page.locator("#preview").evaluate(OVERFLOW) <= 1  # the preview strip fits its box
+        page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+    if os.environ.get("IDANIMATOR_SCREENSHOTS"):  # to look at: the page at 1400, 1280x800 and 390 px
+        for name in ("page.png", "laptop.png", "phone.png"):
+            shutil.copy(tmp_path / name, Path(os.environ["IDANIMATOR_SCREENSHOTS"]) / name)
     if os.environ.get("IDANIMATOR_UPDATE_SCREENSHOT"):
         docs = Path(__file__).resolve().parent.parent / "docs"
         docs.mkdir(exist_ok=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from idanimator.cli import main
+from tests.helpers import read_video
 
 
 def run(capsys, *argv):
@@ -279,3 +281,142 @@ def test_make_tiny_help_says_only_a_kit_is_replaced(capsys):
         main(["make-tiny", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "new or empty folder" in text and "refused and left untouched" in text and "only a kit is replaced" in text
+
+
+# -- issue 21: videos that remember how they were made; the first hour on the command line ------------------
+
+
+def _tiny_mp4(capsys, tmp_path, face, name, *extra):
+    argv = ["generate", "--tiny", "--detector", "retinaface", "--face", str(face), "--out", str(tmp_path / name)]
+    code, out, err = run(capsys, *argv, *extra)
+    assert code == 0, err
+    return tmp_path / name, err
+
+
+def test_settings_from_a_video_remakes_it_and_typed_flags_win(capsys, tmp_path, astronaut_path, tiny_kit):
+    from idanimator.video import read_settings
+
+    first, err = _tiny_mp4(
+        capsys, tmp_path, astronaut_path, "first.mp4", "--prompt", "a person waving", "--negative-prompt", "blur",
+        "--frames", "4", "--steps", "2", "--height", "64", "--width", "64", "--fps", "5", "--id-scale", "0.5",
+        "--no-prompt-suffix",
+    )  # fmt: skip
+    made = read_settings(first)
+    assert made["prompt"] == "a person waving" and made["steps"] == 2 and made["fps"] == 5 and made["seed"] >= 0
+    assert "denoising: step 2/2" in err and "\x1b[" not in err and "\r" not in err  # stderr is not a terminal
+
+    # --fps 9 is the default value, but typed: it wins over the video's 5, as --steps does
+    again, _ = _tiny_mp4(capsys, tmp_path, astronaut_path, "again.mp4", "--settings-from", str(first), "--steps", "3")
+    typed, _ = _tiny_mp4(capsys, tmp_path, astronaut_path, "typed.mp4", "--settings-from", str(first), "--fps", "9")
+    assert read_settings(again) == made | {"steps": 3}
+    assert read_settings(typed) == made | {"fps": 9}
+    assert read_video(again).shape == (4, 64, 64, 3)
+
+
+def test_settings_from_a_video_without_them_is_one_sentence_before_anything_loads(tmp_path, astronaut_path):
+    from idanimator.video import write_mp4
+
+    plain = write_mp4(np.zeros((2, 64, 64, 3), np.uint8), tmp_path / "plain.mp4", fps=8)
+    argv = ["generate", "--face", str(astronaut_path), "--out", str(tmp_path / "o.mp4")]
+    for video, said in (
+        (plain, "The video plain.mp4 carries no generation settings"),
+        (tmp_path / "no.mp4", "The video no.mp4 does not exist"),
+    ):
+        proc = _before_loading(*argv, "--settings-from", str(video))
+        assert proc.returncode == 1 and proc.stderr.startswith(f"error: {said}"), proc.stderr
+        assert proc.stderr.count("\n") == 1 and "nothing loaded" in proc.stdout
+
+
+def test_missing_weights_are_one_line_within_seconds_and_each_command_says_how_to_get_them(tmp_path, astronaut_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}
+    env |= {"HF_HOME": str(tmp_path / "empty-hf-home"), "HF_HUB_OFFLINE": "1"}
+    script = (
+        "import sys; from idanimator.cli import main; code = main(sys.argv[1:]); "
+        "print('torch loaded' if 'torch' in sys.modules else 'nothing loaded'); sys.exit(code)"
+    )
+    said = {}
+    for command in (
+        ["generate", "--face", str(astronaut_path), "--prompt", "a person", "--out", str(tmp_path / "o.mp4")],
+        ["download"],
+    ):
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *command], capture_output=True, text=True, env=env, timeout=120
+        )
+        elapsed = time.monotonic() - started
+        assert proc.returncode == 1 and "nothing loaded" in proc.stdout and elapsed < 5, (elapsed, proc.stderr)
+        assert proc.stderr.startswith("error: The face adapter") and proc.stderr.count("\n") == 1, proc.stderr
+        assert "HF_HOME" in proc.stderr and str(tmp_path / "empty-hf-home") in proc.stderr
+        said[command[0]] = proc.stderr
+    assert "--tiny" in said["generate"] and "--adapter" in said["generate"]
+    assert "--tiny" not in said["download"] and "--adapter" not in said["download"]
+
+
+def test_convert_checkpoint_replaces_an_existing_output_only_with_force(capsys, tmp_path, tiny_kit):
+    out = tmp_path / "adapter.safetensors"
+    out.write_bytes(b"keep me")
+    code, _, err = run(capsys, "convert-checkpoint", str(tiny_kit["face_adapter"]), str(out))
+    assert code == 1 and err == f"error: The output {out} already exists; add --force to replace it.\n"
+    assert out.read_bytes() == b"keep me"
+    code, stdout, err = run(capsys, "convert-checkpoint", str(tiny_kit["face_adapter"]), str(out), "--force")
+    assert code == 0 and stdout.startswith(f"replaced {out}") and out.stat().st_size > 1000, err
+
+
+def test_make_tiny_says_how_to_use_its_kit_and_that_line_works(capsys, tmp_path, astronaut_path, tiny_kit):
+    import shlex
+    import shutil
+
+    kit = tmp_path / "my kit"
+    shutil.copytree(tiny_kit["base"].parent, kit)
+    code, out, _ = run(capsys, "make-tiny", str(kit))
+    line = next(line for line in out.splitlines() if "python -m idanimator generate" in line)
+    argv = shlex.split(line.split("python -m idanimator ", 1)[1])
+    argv = [
+        {"PHOTO": str(astronaut_path), "TEXT": "a person", "OUT.mp4": str(tmp_path / "kit.mp4")}.get(a, a) for a in argv
+    ]
+    assert code == 0 and "--tiny" not in argv
+    code, out, err = run(capsys, *argv, "--detector", "retinaface", "--frames", "2", "--steps", "1")
+    assert code == 0 and (tmp_path / "kit.mp4").is_file(), err
+
+
+def test_a_batch_in_a_log_prints_plain_lines_and_each_mp4_carries_its_settings(tmp_path, astronaut_path, tiny_kit):
+    import subprocess
+    import sys
+
+    from idanimator.video import read_settings
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "astronaut.png").write_bytes(astronaut_path.read_bytes())
+    (tmp_path / "p.txt").write_text("a person waving\n")
+    argv = ["generate", "--tiny", "--detector", "retinaface", "--faces-dir", str(faces), "--prompts"]
+    argv += [str(tmp_path / "p.txt"), "--seeds", "1,2", "--out-dir", str(tmp_path / "v"), "--frames", "2"]
+    argv += ["--steps", "2", "--height", "64", "--width", "64"]
+    proc = subprocess.run([sys.executable, "-m", "idanimator", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stderr and "\r" not in proc.stderr, proc.stderr  # no bar redraws in a log
+    assert "generating: 1/2 videos" in proc.stderr and "generating: 2/2 videos" in proc.stderr
+    for seed in (1, 2):
+        saved = read_settings(tmp_path / "v" / f"astronaut--p00--s{seed}.mp4")
+        assert saved["seed"] == seed and saved["prompt"] == "a person waving" and saved["steps"] == 2
+
+
+def test_the_apps_default_output_folder_is_the_users_own(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = "from idanimator.outputs import default_output_parent; print(default_output_parent())"
+    env = {k: v for k, v in os.environ.items() if k not in ("IDANIMATOR_CACHE", "XDG_CACHE_HOME")}
+    for extra, expected in (
+        ({"HOME": str(tmp_path)}, tmp_path / ".cache" / "idanimator"),
+        ({"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}, tmp_path / "xdg" / "idanimator"),
+        ({"IDANIMATOR_CACHE": str(tmp_path / "own")}, tmp_path / "own"),
+    ):
+        run_ = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env | extra)
+        assert run_.stdout.strip() == str(expected), run_.stderr

@@ -105,7 +105,8 @@ def test_the_manifest_has_one_record_per_clip_with_the_agreed_keys(built, videos
     assert sorted(records) == ["astronaut--000", "two_shots--000"]  # the cat shot has no face: dropped
     first = records["astronaut--000"]
     assert (first.start_frame, first.end_frame, first.fps, first.width, first.height) == (0, 24, 8.0, SIDE, SIDE)
-    assert first.video_path == (videos / "astronaut.mp4").resolve()  # outside OUT: stored absolute
+    assert first.video_path == (videos / "astronaut.mp4").resolve()  # outside OUT: stored relative to it
+    assert first.video == Path(os.path.relpath(videos.resolve() / "astronaut.mp4", out.resolve())).as_posix()
     assert all(path.is_file() for path in first.face_paths)
     assert stdout.startswith("2 new clips, 0 already done, from 3 videos (1 skipped)")
 
@@ -159,9 +160,9 @@ def test_a_second_run_does_no_work_and_touches_no_file(built, videos, labels):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
-def test_an_interrupted_run_redoes_only_the_unfinished_clip(built, videos, labels, tmp_path):
-    out = tmp_path / "dataset"
-    shutil.copytree(built[0], out)
+def test_an_interrupted_run_redoes_only_the_unfinished_clip(built, videos, labels, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interrupted")  # beside the original: the same relative path to the videos
+    shutil.copytree(built[0], out, dirs_exist_ok=True)
     (out / "videos" / "two_shots.json").unlink()  # as if killed after astronaut's record, before two_shots'
     (out / "clips" / "two_shots--000.json").unlink()
     kept = (out / "clips" / "astronaut--000.json").stat().st_mtime_ns
@@ -411,10 +412,10 @@ def test_a_transformers_captioner_describes_the_person(videos, labels, tmp_path,
     assert record.caption_action == "a person talking and smiling, looking happy"  # an image model: the labels
 
 
-def _build_process(videos: Path, out: Path) -> subprocess.Popen:
+def _build_process(videos: Path, out: Path, *more: str) -> subprocess.Popen:
     argv = ["build-dataset", "--no-progress", "--detector", "retinaface", "--faces-per-clip", "3", "--workers", "1"]
     return subprocess.Popen(
-        [sys.executable, "-m", "idanimator", *argv, "--videos", str(videos), "--out", str(out)],
+        [sys.executable, "-m", "idanimator", *argv, "--videos", str(videos), "--out", str(out), *more],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -476,3 +477,191 @@ def test_a_killed_run_leaves_no_lock_behind(six_videos, tmp_path):
     code, stdout, stderr = run_cli("--videos", six_videos, "--out", out, "--faces-per-clip", 3)
     assert code == 0, stderr
     assert len(read_manifest(out)) == 6
+
+
+# -- issue 20: keys, CelebV-HQ's own labels, relative video paths, shards -------------------------------
+
+
+def test_two_videos_whose_names_clean_to_one_key_stay_two(tmp_path):
+    from idanimator.video import write_mp4
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(astronaut_shot(24), videos / "a b.mp4", fps=FPS)
+    write_mp4(astronaut_shot(18), videos / "a_b.mp4", fps=FPS)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("--videos", videos, "--out", out, "--faces-per-clip", 2)
+    assert code == 0, stderr
+    assert stdout.startswith("2 new clips, 0 already done, from 2 videos;")
+    records = read_manifest(out)
+    assert sorted(Path(r.video).name for r in records) == ["a b.mp4", "a_b.mp4"]  # one clip each, none twice
+    assert {r.num_frames for r in records} == {24, 18}
+    assert len({r.clip_id for r in records}) == 2 and len(list((out / "faces").iterdir())) == 2
+    assert {r.identity for r in records} == {"a b", "a_b"}
+    code, stdout, _ = run_cli("--videos", videos, "--out", out, "--faces-per-clip", 2)
+    assert stdout.startswith("0 new clips, 2 already done")  # a re-run redoes neither
+    # stable: a key depends on its own path only, readable where cleaning changed nothing
+    from idanimator.data.layout import video_key
+
+    assert video_key("a_b.mp4") == "a_b" and video_key("talks/ann.mp4") == "talks__ann"
+    keys = [video_key(p) for p in ("a b.mp4", "a_b.mp4", "a.mp4", "a.mov", "a/b.mp4", "a__b.mp4", "a_/b.mp4")]
+    assert len(set(keys)) == len(keys) and keys[0].startswith("a_b-")
+
+
+CELEBA_APPEARANCE = (
+    "Blurry Male Young Chubby Pale_Skin Rosy_Cheeks Oval_Face Receding_Hairline Bald Bangs Black_Hair Blond_Hair "
+    "Gray_Hair Brown_Hair Straight_Hair Wavy_Hair Long_Hair Arched_Eyebrows Bushy_Eyebrows Bags_Under_Eyes "
+    "Eyeglasses Sunglasses Narrow_Eyes Big_Nose Pointy_Nose High_Cheekbones Big_Lips Double_Chin No_Beard "
+    "5_o_Clock_Shadow Goatee Mustache Sideburns Heavy_Makeup Wearing_Earrings Wearing_Hat Wearing_Lipstick "
+    "Wearing_Necklace Wearing_Necktie Wearing_Mask"
+).split()
+CELEBV_ACTIONS = (
+    "blow chew close_eyes cough cry drink eat frown gaze glare head_wagging kiss laugh listen_to_music look_around "
+    "make_a_face nod play_instrument read shake_head shout sigh sing sleep smile smoke sneer sneeze sniff talk turn "
+    "weep whisper wink yawn"
+).split()
+
+
+def _flags(names: list[str], on: set[str]) -> list[int]:
+    return [int(name in on) for name in names]
+
+
+def test_celebvhq_info_in_its_documented_form_gives_the_right_captions(tmp_path):
+    """celebvhq_info.json exactly as the CelebV-HQ README documents it: capitalised appearance names, 0/1
+    vectors in the mappings' order, one emotion or (sep_flag) a list of timed ones, ytb_id/duration/bbox/version."""
+    from idanimator.data.captions import action_caption, attribute_caption
+    from idanimator.data.labels import read_labels
+
+    info = {
+        "meta_info": {"appearance_mapping": CELEBA_APPEARANCE, "action_mapping": CELEBV_ACTIONS},
+        "clips": {
+            "M2Ohb0FAaJU_1": {
+                "ytb_id": "M2Ohb0FAaJU",
+                "duration": {"start_sec": 81.62, "end_sec": 86.17},
+                "bbox": {"top": 0.0, "bottom": 0.8815, "left": 0.1964, "right": 0.6922},
+                "attributes": {
+                    "appearance": _flags(
+                        CELEBA_APPEARANCE, {"Young", "Long_Hair", "Wavy_Hair", "Brown_Hair", "No_Beard", "Wearing_Hat"}
+                    ),
+                    "action": _flags(CELEBV_ACTIONS, {"talk", "smile"}),
+                    "emotion": {"sep_flag": False, "labels": "neutral"},
+                },
+                "version": "v0.1",
+            },
+            "_0tf2n3rlJU_0": {
+                "ytb_id": "_0tf2n3rlJU",
+                "duration": {"start_sec": 52.72, "end_sec": 56.1},
+                "bbox": {"top": 0.0, "bottom": 0.8407, "left": 0.5271, "right": 1.0},
+                "attributes": {
+                    "appearance": _flags(CELEBA_APPEARANCE, {"Blurry", "Male", "Eyeglasses", "5_o_Clock_Shadow"}),
+                    "action": _flags(CELEBV_ACTIONS, {"shake_head"}),
+                    "emotion": {
+                        "sep_flag": True,
+                        "labels": [
+                            {"emotion": "neutral", "start_sec": 0, "end_sec": 0.28},
+                            {"emotion": "happy", "start_sec": 1.28, "end_sec": 3.28},
+                        ],
+                    },
+                },
+                "version": "v0.1",
+            },
+        },
+    }
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps(info))
+    labels = read_labels(tmp_path / "celebvhq_info.json")
+    woman, man = labels["M2Ohb0FAaJU_1"], labels["_0tf2n3rlJU_0"]
+    assert attribute_caption(woman) == "a young woman with long wavy brown hair, wearing a hat"
+    assert action_caption(woman) == "a person smiling and talking"  # in the mapping's order; neutral says nothing
+    assert attribute_caption(man) == "a man with eyeglasses and stubble"
+    assert action_caption(man) == "a person shaking head, looking happy"
+
+
+def test_a_data_set_moved_with_its_videos_still_finds_them(built, videos, labels, tmp_path):
+    project = tmp_path / "project"
+    (project / "videos").mkdir(parents=True)
+    for video in videos.iterdir():  # the same files (size and time): nothing is decoded again
+        os.link(video, project / "videos" / video.name)
+    shutil.copytree(built[0], project / "data")
+    args = ("--out", project / "data", "--labels", labels, "--faces-per-clip", 3)
+    code, stdout, _ = run_cli("--videos", project / "videos", *args)
+    assert code == 0 and stdout.startswith("0 new clips, 2 already done")  # the videos moved: paths updated
+    assert {r.video for r in read_manifest(project / "data")} == {"../videos/astronaut.mp4", "../videos/two_shots.mp4"}
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    project.rename(moved)
+    records = read_manifest(moved / "data")
+    assert all(r.video_path.is_file() and r.video_path.is_relative_to(moved) for r in records)
+    assert all(path.is_file() for r in records for path in r.face_paths)
+    before = {p: p.stat().st_mtime_ns for p in (moved / "data").rglob("*")}
+    code, stdout, _ = run_cli("--videos", moved / "videos", "--out", moved / "data", *args[2:])
+    assert code == 0 and stdout.startswith("0 new clips, 2 already done")
+    assert {p: p.stat().st_mtime_ns for p in (moved / "data").rglob("*")} == before  # and nothing to rewrite
+
+
+def test_an_older_data_set_with_absolute_paths_still_reads_and_is_not_rebuilt(built, videos, labels, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(built[0], out)
+    for record in [*(out / "videos").glob("*.json"), *(out / "clips").glob("*.json")]:  # as written before
+        data = json.loads(record.read_text())
+        absolute = str((videos / (data["stamp"]["video"])).resolve())
+        data["stamp"]["video"] = absolute
+        if "video" in data:
+            data["video"] = absolute
+        record.write_text(json.dumps(data))
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["video"] = os.path.normpath(built[0].resolve() / line["video"])
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert all(r.video_path.is_absolute() and r.video_path.is_file() for r in read_manifest(out))
+    code, stdout, _ = run_cli("--videos", videos, "--out", out, "--labels", labels, "--faces-per-clip", 3)
+    assert code == 0 and stdout.startswith("0 new clips, 2 already done")
+    now, then = read_manifest(out), read_manifest(built[0])  # the same clips, their videos now named relatively
+    assert [r.as_dict() | {"video": ""} for r in now] == [r.as_dict() | {"video": ""} for r in then]
+    assert [r.video_path for r in now] == [r.video_path for r in then] and now[0].video.startswith("../")
+
+
+@pytest.mark.parametrize("shard", ["3/2", "x", "0/0", "2/2", "-1/2", "1/"])
+def test_a_bad_shard_is_one_sentence(videos, tmp_path, shard):
+    code, stdout, stderr = run_cli("--videos", videos, "--out", tmp_path / "never", f"--shard={shard}")
+    assert code == 1 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith("error: --shard must be I/N") and repr(shard) in stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_two_shards_and_a_final_pass_make_the_data_set_one_run_makes(six_videos, tmp_path):
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    code, _, stderr = run_cli("--videos", six_videos, "--out", whole, "--faces-per-clip", 3, "--workers", 1)
+    assert code == 0, stderr
+    first = _build_process(six_videos, sharded, "--shard", "0/2")
+    second = _build_process(six_videos, sharded, "--shard", "1/2")
+    try:
+        _wait_until_locked(sharded / ".build-dataset.shard-0-of-2.lock", first)
+        first.send_signal(signal.SIGSTOP)  # shard 0 holds its locks while shard 1 works beside it
+        out_second, err = second.communicate(timeout=300)
+        assert second.returncode == 0, err
+        assert out_second == (
+            "3 new clips, 0 already done, from 3 of 6 videos (shard 1/2); "
+            "the manifest is written by a run without --shard once every shard has finished\n"
+        )
+        assert not (sharded / "manifest.jsonl").exists()
+        code, _, stderr = run_cli("--videos", six_videos, "--out", sharded, "--faces-per-clip", 3)
+        assert code == 1 and stderr == (
+            f"error: Shard 0/2 of build-dataset is still writing into {sharded}; "
+            "run it without --shard once every shard has finished.\n"
+        )
+        code, _, stderr = run_cli("--videos", six_videos, "--out", sharded, "--faces-per-clip", 3, "--shard", "0/2")
+        assert code == 1 and stderr.startswith(f"error: Shard 0/2 is already being built into {sharded};")
+        first.send_signal(signal.SIGCONT)
+        out_first, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+        second.kill()
+    assert first.returncode == 0, err
+    assert out_first.startswith("3 new clips, 0 already done, from 3 of 6 videos (shard 0/2);")
+    code, stdout, stderr = run_cli("--videos", six_videos, "--out", sharded, "--faces-per-clip", 3, "--workers", 1)
+    assert code == 0, stderr
+    assert stdout.startswith("0 new clips, 6 already done, from 6 videos;")  # the final pass only assembles
+    assert (sharded / "manifest.jsonl").read_text() == (whole / "manifest.jsonl").read_text()
+    faces = sorted(p.relative_to(whole) for p in (whole / "faces").rglob("*.png"))
+    assert faces == sorted(p.relative_to(sharded) for p in (sharded / "faces").rglob("*.png")) and len(faces) == 18
+    assert all((whole / face).read_bytes() == (sharded / face).read_bytes() for face in faces)

@@ -610,3 +610,22 @@ def test_eval_refuses_an_empty_metric_list_and_names_a_path_of_the_wrong_kind(ca
     flags = ["--videos", str(tmp_path / "videos"), "--faces", str(tmp_path / "faces"), "--out", str(tmp_path / "o")]
     code, _, err = run(capsys, "eval", *flags, *extra)
     assert code == 1 and err.startswith(f"error: {message.format(**names)}") and err.count("\n") == 1, err
+
+
+def test_a_plot_with_nothing_to_show_is_a_note_not_a_stale_file(capsys, eval_folder, tmp_path):
+    """No face metric measured (no ArcFace pack here): identity_per_frame.png is not drawn, eval says so, and
+    an older run's plot of that name does not stay behind to be mistaken for this run's."""
+    out_dir = tmp_path / "report"
+    out_dir.mkdir()
+    (out_dir / "identity_per_frame.png").write_bytes(b"an older run's plot")
+    videos, faces = str(eval_folder / "videos"), str(eval_folder / "faces")
+    code, out, err = run(
+        capsys, "eval", "--videos", videos, "--faces", faces, "--out", str(out_dir), "--metrics", "FaceSim-Arc,motion"
+    )
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["FaceSim-Arc"] is None and summary["DynamicDegree"] is not None
+    note = "identity_per_frame.png was not drawn: no face metric could be measured (FaceSim-Arc"
+    assert any(n.startswith(note) for n in summary["notes"]) and f"note: {note}" in out
+    assert note in (out_dir / "summary.md").read_text()
+    assert not (out_dir / "identity_per_frame.png").exists() and (out_dir / "metric_distributions.png").is_file()

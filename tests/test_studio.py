@@ -285,3 +285,23 @@ def test_operators_can_load_a_local_backbone(tiny_kit, detector, astronaut_path,
     done = finish(engine, request(astronaut_path, backbone=str(tiny_kit["single_file"])))[-1]
     assert read_video(done.video).shape[0] == 8
     assert engine.service.current_backbone == str(tiny_kit["single_file"])
+
+
+def test_the_speed_model_learns_a_steps_cost_and_a_work_cost():
+    """Denoising that costs 0.1 s a step plus 0.002 s a unit of work, 0.5 s before the first step: learnt from
+    runs of other sizes, a new size is predicted, and no run gives no estimate."""
+    from idanimator.estimate import SpeedModel
+
+    model = SpeedModel()
+    assert model.estimate(30, 960) is None
+
+    def seconds(steps, work):  # the first step is in the time before it ends
+        return 0.5 + 0.1 * steps + 0.002 * work
+
+    for steps, work in ((4, 64), (8, 512), (12, 96)):
+        first = 0.5 + 0.1 + 0.002 * work / steps
+        model.record(before_s=first, steps=steps, work=work, loop_s=seconds(steps, work) - first)
+    assert model.estimate(60, 2880) == pytest.approx(seconds(60, 2880), rel=0.05)
+    one = SpeedModel()
+    one.record(before_s=0.6, steps=10, work=100, loop_s=2.0)
+    assert one.estimate(10, 100) == pytest.approx(2.6)  # one kind of run: its own time back

@@ -289,8 +289,8 @@ def test_a_bad_init_file_is_one_sentence(tmp_path, data_dir, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, tiny_kit):
-    """`train --max-steps 3` (checkpoints at 2 and 3, validation videos at 2), with the frozen parts' tensors
-    recorded as they were loaded."""
+    """`train --max-steps 3` (checkpoints at 2 and 3, validation videos at 2 of one identity held out of
+    training), with the frozen parts' tensors recorded as they were loaded."""
     out = tmp_path_factory.mktemp("run")
     seen = {}
 
@@ -304,6 +304,7 @@ def trained(tmp_path_factory, data_dir, tiny_kit):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "load_frozen_parts", recording)
         args = ["--max-steps", "3", "--save-every", "2", "--validate-every", "2", "--validation-steps", "2"]
+        args += ["--val-clips", "1"]
         assert main(["train", "--data", str(data_dir), "--out", str(out), *TINY_RUN, *args]) == 0
     return out, seen
 
@@ -318,7 +319,7 @@ def test_training_logs_a_finite_loss_every_step(trained):
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in steps)
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard, through accelerate's tracker
-    assert sorted(p.name for p in (out / "validation" / "step-000002").glob("*.mp4")) == ["a.mp4", "b.mp4"]
+    assert len(list((out / "validation" / "step-000002").glob("*.mp4"))) == 1  # the held-out identity's clip
     assert "FlowMagnitude" in next(r for r in _log(out) if "validation" in r)["validation"]  # eval's motion metric
 
 
@@ -370,12 +371,18 @@ def test_resuming_from_step_2_gives_the_uninterrupted_runs_adapter(trained, data
     assert all(torch.equal(continued[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_resuming_with_other_settings_is_one_sentence(trained, data_dir, tmp_path, capsys):
+def test_resuming_with_other_settings_names_them_all_in_one_sentence(trained, data_dir, tmp_path, capsys):
     out, _ = trained
     args = ["--resume", str(out), "--out", str(tmp_path / "run"), "--max-steps", "4"]
-    assert main(["train", "--data", str(data_dir), *TINY_RUN[:-2], "--seed", "4", *args]) == 1
+    conflicting = ["--seed", "4", "--frames", "8", "--lora-rank", "4"]
+    assert main(["train", "--data", str(data_dir), *TINY_RUN[:-2], *conflicting, *args]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "error: The checkpoint was trained with --seed 3, this run has 4; resume with the same settings."
+    assert err == (
+        "error: The checkpoint was trained with --frames 4 and --seed 3 and --lora-rank 128, this run has "
+        "--frames 8 and --seed 4 and --lora-rank 4; resume with the checkpoint's settings (leave these flags out "
+        "to use them)."
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def _files(folder):
@@ -411,6 +418,8 @@ def test_train_checks_flags_and_paths_before_importing_torch(trained, data_dir, 
         (["--data", "empty", "--out", "new"], "error: There is no data set manifest at empty/manifest.jsonl;"),
         (["--data", "data", "--out", "run"], "error: A run is already in run: add --resume or choose another --out."),
         (["--data", "data", "--out", "new", "--resume", "nowhere"], "error: --resume nowhere does not exist"),
+        (["--out", "run", "--resume", "--seed", "4"], "error: The checkpoint was trained with --seed 3, this run"),
+        (["--out", "new"], "error: --data is required to start a run"),
     ]
     for argv, expected in cases:
         done = subprocess.run(
@@ -473,3 +482,102 @@ def test_clips_too_short_for_the_stride_are_counted_once(data_dir, tmp_path, cap
     printed = capsys.readouterr()
     said = (printed.out + printed.err).count("clips are too short for --frames 4 at --stride 10")
     assert said == 1  # once for the run, not once per sample
+
+
+# -- issue 20: launchers, precision, resuming from the checkpoint's settings, held-out validation ---------
+
+
+def _train_process(launcher, argv, tmp_path, env=None, timeout=300):
+    """A real `train` process (or several, under a launcher) on a GPU-less view of this machine."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    environ.update(CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **(env or {}))
+    command = [os.path.join(os.path.dirname(sys.executable), launcher[0]), *launcher[1:]]
+    command += ["-m", "idanimator", "train", *argv]
+    return subprocess.run(command, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_torchrun_processes_without_gpus_train_as_two_cpu_ranks(data_dir, tiny_kit, tmp_path):
+    """Without a GPU, accelerate used to make each launched process a lone rank 0: both read the same clips and
+    wrote the same files. Now they are two gloo ranks sharing one run: each step trains both clips once."""
+    out = tmp_path / "run"
+    argv = ["--data", str(data_dir), "--out", str(out), *TINY_RUN, "--max-steps", "2", "--save-every", "2"]
+    done = _train_process(["torchrun", "--standalone", "--nproc_per_node", "2"], argv, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("training on 2 clips in 2 processes (MULTI_CPU") == 1, done.stdout
+    steps = _log(out)
+    assert [r["step"] for r in steps] == [1, 2]  # one line per step: one run, not two
+    assert all(sorted(r["clips"]) == ["a", "b"] for r in steps)  # rank 0 and rank 1 read different clips
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert (checkpoint / "rng-0.pt").is_file() and (checkpoint / "rng-1.pt").is_file()
+
+
+def test_fp16_without_cuda_is_one_sentence_before_anything_loads(data_dir, tmp_path, capsys, monkeypatch):
+    run = ["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY_RUN, "--max-steps", "1"]
+    assert main([*run, "--mixed-precision", "fp16"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --mixed-precision asks for fp16, which needs a CUDA GPU and this machine has none; "
+        "give --mixed-precision bf16 or no.\n"
+    )
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --mixed_precision fp16` sets
+    assert main(run) == 1
+    assert capsys.readouterr().err.startswith("error: accelerate's setting (its launch flag or config file) asks for")
+    assert not (tmp_path / "run").exists()
+
+
+def test_accelerate_launchs_mixed_precision_is_used_unless_the_flag_is_given(data_dir, tiny_kit, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(data_dir), "--out", str(out), *TINY_RUN, "--max-steps", "1"]
+    launch = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16"]
+    launch += ["--dynamo_backend", "no"]
+    done = _train_process(launch, argv, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mixed precision bf16)" in done.stdout
+    assert np.isfinite(_log(out)[0]["loss"])
+    assert json.loads((out / "config.json").read_text())["mixed_precision"] is None  # accelerate's, not a flag
+
+
+def test_resume_with_only_out_and_resume_takes_the_checkpoints_settings(trained, tmp_path, capsys):
+    import shutil
+
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "adapter.safetensors").unlink()  # the result of the copied run's last step is written again
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "4"]) == 0  # no --data, --tiny, --frames
+    printed = capsys.readouterr().out
+    assert f"starting from {run / 'checkpoints' / 'step-000003'} (step 3)" in printed
+    saved, now = json.loads((out / "config.json").read_text()), json.loads((run / "config.json").read_text())
+    assert {k: v for k, v in now.items() if k not in ("out", "resume", "max_steps")} == {
+        k: v for k, v in saved.items() if k not in ("out", "resume", "max_steps")
+    }
+    assert [r["step"] for r in _log(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_no_validation_clip_is_ever_trained_on(trained):
+    out, _ = trained
+    validated = {p.stem for p in (out / "validation").rglob("*.mp4")}
+    trained_on = {clip for r in _log(out) if "clips" in r for clip in r["clips"]}
+    assert validated and trained_on and not validated & trained_on
+    assert validated | trained_on == {"a", "b"}  # one identity each
+
+
+def test_validation_holds_out_whole_identities_deterministically():
+    from idanimator.errors import IDAnimatorError
+    from idanimator.training.dataset import TrainingClip, hold_out
+
+    def clip(name, identity):
+        return TrainingClip(name, f"{name}.mp4", 0, 24, 8.0, "", identity, (PoolFace(f"{name}.png", 0),))
+
+    clips = [clip("p1", "ann"), clip("q1", "bob"), clip("p2", "ann"), clip("r1", None), clip("q2", "bob")]
+    train_clips, held = hold_out(clips, 2, seed=7)
+    assert hold_out(clips, 2, seed=7) == (train_clips, held)  # the same clips for a resumed run
+    persons = lambda group: {c.identity or c.clip_id for c in group}  # noqa: E731
+    assert len(persons(held)) == 2 and not persons(held) & persons(train_clips)  # every clip of a person
+    assert sorted(c.clip_id for c in train_clips + held) == sorted(c.clip_id for c in clips)
+    assert hold_out(clips, 0, seed=7) == (clips, [])
+    with pytest.raises(IDAnimatorError, match=r"^--val-clips 3 would hold out all 3 identities"):
+        hold_out(clips, 3, seed=7)

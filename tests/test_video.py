@@ -312,3 +312,51 @@ def test_read_and_probe_missing_or_broken_files(tmp_path):
         read_video(broken)
     with pytest.raises(IDAnimatorError, match="could not be read"):
         probe_video(broken)
+
+
+# -- issue 21: every MP4 carries the settings that made it ---------------------------------------------------
+
+
+def test_an_mp4_carries_its_settings_and_they_read_back_exactly(tmp_path):
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from idanimator.request import GenerationRequest, LoraSpec
+    from idanimator.video import read_settings
+
+    request = GenerationRequest(
+        prompt='a "chef" cooking crêpes ☃ 😀', seed=42, num_frames=4, loras=(LoraSpec("style.safetensors", 0.5),)
+    )
+    settings = request.settings()
+    whole = write_mp4(gradient(4), tmp_path / "whole.mp4", fps=8, settings=settings)
+    with Mp4Writer(tmp_path / "chunks.mp4", fps=8, settings=settings) as writer:
+        for chunk in (gradient(4)[:2], gradient(4)[2:]):
+            writer.write(chunk)
+    for path in (whole, writer.path):
+        saved = read_settings(path)
+        assert saved.pop("idanimator_version") == __import__("idanimator").__version__
+        assert saved == settings and saved["prompt"] == 'a "chef" cooking crêpes ☃ 😀'
+        assert len(read_video(path)) == 4  # the video itself is untouched
+    # ffmpeg itself reads it as the standard comment tag, and keeps it through a remux
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    copy = tmp_path / "copy.mp4"
+    subprocess.run([ffmpeg, "-v", "error", "-i", str(whole), "-c", "copy", str(copy)], check=True)
+    shown = subprocess.run([ffmpeg, "-hide_banner", "-i", str(copy)], capture_output=True, text=True).stderr
+    assert "comment" in shown and "idanimator_version" in shown
+    assert read_settings(copy) == read_settings(whole)
+
+
+def test_a_video_without_settings_is_none_or_a_sentence(tmp_path):
+    from idanimator.errors import UnreadableVideoError
+    from idanimator.video import read_settings
+
+    plain = write_mp4(gradient(2), tmp_path / "plain.mp4", fps=8)
+    gif = write_gif(gradient(2), tmp_path / "clip.gif", fps=8)
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+    for path in (plain, gif, tmp_path / "junk.mp4"):
+        assert read_settings(path) is None
+    with pytest.raises(InvalidRequestError, match=r"^The video plain.mp4 carries no generation settings"):
+        read_settings(plain, required=True)
+    with pytest.raises(UnreadableVideoError, match="does not exist"):
+        read_settings(tmp_path / "missing.mp4")

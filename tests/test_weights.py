@@ -207,3 +207,16 @@ def test_download_takes_a_hub_id_and_a_local_folder_as_backbone(tiny_kit, tmp_pa
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "backbone someone/some-backbone: someone/some-backbone" in proc.stdout
     assert f"  -> {tiny_kit['base']}" in proc.stdout
+
+
+def test_check_available_passes_local_copies_and_names_the_first_missing_weight(tiny_kit, tmp_path):
+    from idanimator.weights import check_available
+
+    check_available([(str(tiny_kit["face_adapter"]), "face adapter"), (str(tiny_kit["base"]), "backbone")])
+    with pytest.raises(WeightsUnavailableError, match=r"^The image encoder .*nowhere does not exist\.$"):
+        check_available([(str(tiny_kit["base"]), "backbone"), (str(tmp_path / "nowhere"), "image encoder")])
+    with pytest.raises(WeightsUnavailableError) as caught:  # HF_HUB_OFFLINE and an empty cache in the tests
+        check_available([(registry.MOTION_ADAPTER, "motion adapter")], command="download")
+    said = str(caught.value)
+    assert said.startswith("The motion adapter guoyww/animatediff-motion-adapter-v1-5-2 is not in the local")
+    assert "HF_HOME" in said and "HF_HUB_OFFLINE=1" in said and "--tiny" not in said

@@ -45,6 +45,8 @@ def _eval(args: argparse.Namespace) -> int:
     for key in summary["columns"]:
         value = summary[key]
         print(f"{key:<18} {'n/a' if value is None else format(value, '.4g')}")
+    for note in summary["notes"]:  # e.g. a plot that was not drawn, and why
+        print(f"note: {note}")
     counts = summary["counts"]
     print(f"measured {counts['measured']} of {counts['videos']} videos; wrote {args.out / 'summary.json'}")
     if counts["measured"] == 0:

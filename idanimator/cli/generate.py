@@ -1,4 +1,8 @@
-"""`generate`: one video, or a batch (photos x prompts x seeds) in the layout `eval` reads."""
+"""`generate`: one video, or a batch (photos x prompts x seeds) in the layout `eval` reads.
+
+Every MP4 carries the settings that made it; ``--settings-from VIDEO`` makes a request from them, where the
+flags typed on the command line win (the parser remembers which were typed: ``args.given``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import sys
 from pathlib import Path
 
 from .. import registry, settings
-from ..console import quiet_loading_bars
-from ..errors import IDAnimatorError
+from ..console import interactive, quiet_loading_bars, step_lines
+from ..errors import IDAnimatorError, InvalidRequestError
 from ..prompts import DEFAULT_NEGATIVE_PROMPT
 from ..request import CONTROL_KINDS
 from .common import DETECTORS, HelpWithDefaults
@@ -19,15 +23,17 @@ _BATCH_FLAGS = ("faces_dir", "prompts", "out_dir")
 def _generate(args: argparse.Namespace) -> int:
     if any(getattr(args, flag) is not None for flag in _BATCH_FLAGS):
         return _generate_batch(args)
-    if args.face is None or args.prompt is None or args.out is None:
+    if args.face is None or (args.prompt is None and args.settings_from is None) or args.out is None:
         raise IDAnimatorError(
             "generate needs --face, --prompt and --out (or --faces-dir, --prompts and --out-dir for a batch)."
         )
     from ..video import check_output_path
 
-    # Cheap checks first: a bad setting, output path or photo is reported before any model loads.
+    # Cheap checks first: a bad setting, output path or photo, or weights that cannot be had, are reported before
+    # torch, diffusers or any model loads.
     request = _check_loras(request_from_args(args).validate())
     check_output_path(args.out)
+    _check_weights(args)
 
     from ..face import crop_face, get_detector
     from ..service import out_of_memory_guard
@@ -37,8 +43,8 @@ def _generate(args: argparse.Namespace) -> int:
     crops = [crop_face(face, detector) for face in args.face]
     pipe = _load_pipeline(args, detector)
     with out_of_memory_guard():
-        result = pipe.denoise(crops, request)
-        out = _write_video(pipe, result.latents, args.out, request.fps)
+        result = pipe.denoise(crops, request, callback=None if interactive() else step_lines("denoising"))
+        out = _write_video(pipe, result.latents, args.out, result.request)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"seed: {result.seed}")
@@ -46,14 +52,15 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_video(pipe, latents, out: Path, fps: int) -> Path:
-    """Decode and write the video; an MP4 a few frames at a time, so a long video never sits in memory whole."""
+def _write_video(pipe, latents, out: Path, request) -> Path:
+    """Decode and write the video; an MP4 a few frames at a time, so a long video never sits in memory whole,
+    carrying ``request``'s settings (the request as run: with its seed)."""
     from ..extras.longvideo import decode_in_chunks
     from ..video import Mp4Writer, save_video
 
     if out.suffix.lower() != ".mp4":
-        return save_video(pipe.decode(latents), out, fps=fps)
-    with Mp4Writer(out, fps=fps) as writer:
+        return save_video(pipe.decode(latents), out, fps=request.fps)
+    with Mp4Writer(out, fps=request.fps, settings=request.settings()) as writer:
         for chunk in decode_in_chunks(pipe, latents):
             writer.write(chunk)
     return writer.path
@@ -61,22 +68,92 @@ def _write_video(pipe, latents, out: Path, fps: int) -> Path:
 
 def request_from_args(args: argparse.Namespace, **changes):
     """The request the flags ask for, by field name (not validated yet): each flag's ``dest`` is the field it
-    sets. Steps and guidance not given are the release's, or the fast mode's own with --fast."""
+    sets. With --settings-from, a setting whose flag was not typed is the video's. Steps and guidance given
+    nowhere are the release's, or the fast mode's own with --fast (a video's are kept unless --fast changed)."""
     from ..request import ControlSpec, GenerationRequest, KeyFrame, LoraSpec
 
-    fields = {name: getattr(args, name) for name in GenerationRequest.__dataclass_fields__ if hasattr(args, name)}
+    saved = _saved_settings(getattr(args, "settings_from", None))
+    given = getattr(args, "given", frozenset())
+
+    def value(dest: str, key: str | None = None):
+        key = key or dest
+        return saved[key] if key in saved and dest not in given else getattr(args, dest)
+
+    names = [n for n in GenerationRequest.__dataclass_fields__ if hasattr(args, n) and n not in ("control", "loras")]
+    fields = {name: value(name) for name in names}
+    fast = bool(fields.get("fast"))
+    if saved and bool(saved.get("fast")) != fast:  # --fast typed: its own steps and guidance, not the video's
+        fields.update({name: getattr(args, name) for name in ("steps", "guidance_scale") if name not in given})
     if fields.get("steps") is None:
-        fields["steps"] = settings.FAST_STEPS if args.fast else settings.STEPS.default
+        fields["steps"] = settings.FAST_STEPS if fast else settings.STEPS.default
     if fields.get("guidance_scale") is None:
-        fields["guidance_scale"] = settings.FAST_GUIDANCE if args.fast else settings.GUIDANCE.default
-    if args.control is not None:
+        fields["guidance_scale"] = settings.FAST_GUIDANCE if fast else settings.GUIDANCE.default
+    kind = value("control")
+    if kind is not None:
+        if "control" not in given and not (args.control_image or args.control_video):
+            what = "keyframes (--control-image)" if kind.startswith("sparse") else "driving video (--control-video)"
+            raise InvalidRequestError(
+                f"The video {args.settings_from.name} was made with the {kind} control; give its {what} again, "
+                "which a video does not carry."
+            )
         keyframes = tuple(KeyFrame.parse(text) for text in args.control_image or ())
-        fields["control"] = ControlSpec(args.control, keyframes, args.control_video, args.control_strength)
+        strength = value("control_strength")
+        strength = args.control_strength if strength is None else strength
+        fields["control"] = ControlSpec(kind, keyframes, args.control_video, strength)
     elif args.control_image or args.control_video:
         raise IDAnimatorError("--control-image and --control-video need --control KIND.")
-    fields["loras"] = tuple(LoraSpec.parse(text) for text in args.lora or ())
-    fields["backbone"] = args.backbone or ""
+    if "loras" in saved and "lora" not in given:
+        fields["loras"] = _saved_loras(saved["loras"], args.settings_from)
+    else:
+        fields["loras"] = tuple(LoraSpec.parse(text) for text in args.lora or ())
+    fields["backbone"] = fields.get("backbone") or ""
     return GenerationRequest(**{**fields, **changes})
+
+
+def _saved_settings(video: Path | None) -> dict:
+    """The settings ``video`` carries ({} without --settings-from); a sentence for a video without them."""
+    if video is None:
+        return {}
+    from ..video import read_settings
+
+    return read_settings(video, required=True)
+
+
+def _saved_loras(saved, video: Path) -> tuple:
+    from ..request import LoraSpec
+
+    try:
+        return tuple(LoraSpec(str(lora["source"]), float(lora["weight"])) for lora in saved or ())
+    except (TypeError, KeyError, ValueError):
+        raise InvalidRequestError(f"The LoRAs recorded in the video {video.name} cannot be read.") from None
+
+
+def _check_weights(args: argparse.Namespace) -> None:
+    """Every weight this run will load is on disk, cached, or downloadable: checked in a second, before torch
+    and diffusers are imported (the tiny kit is built locally, so --tiny needs no check)."""
+    if args.tiny:
+        return
+    from ..registry import HubFolder
+    from ..weights import check_available, parse_source
+
+    backbone = args.backbone or registry.DEFAULT_BACKBONE
+    parts = [
+        (args.adapter or registry.FACE_ADAPTER, "face adapter"),
+        (args.motion_adapter or registry.MOTION_ADAPTER, "motion adapter"),
+        (args.image_encoder or registry.IMAGE_ENCODER, "image encoder"),
+        (backbone, "backbone"),
+    ]
+    source = parse_source(backbone)
+    complete = isinstance(source, Path) and all((source / s).is_dir() for s in ("vae", "text_encoder", "tokenizer"))
+    if not complete and not isinstance(source, HubFolder):  # a Hub folder's parts are known only once fetched
+        parts.append((args.base or registry.BASE_MODEL, "SD1.5 base model"))
+    if args.fast:
+        parts.append((args.fast_weights or registry.ANIMATELCM, "fast mode's AnimateLCM"))
+    if args.control and not args.control_model:
+        parts.append((registry.CONTROL_MODELS[args.control], f"{args.control} control model"))
+    elif args.control:
+        parts.append((args.control_model, f"{args.control} control model"))
+    check_available(parts, command="generate")
 
 
 def _check_loras(request):
@@ -114,6 +191,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
     remove_partials(jobs, args.out_dir)
     write_manifest(jobs, request, args.out_dir)
     if todo:
+        _check_weights(args)
         from ..face import crop_face, get_detector
 
         quiet_loading_bars()
@@ -148,7 +226,21 @@ def _load_pipeline(args: argparse.Namespace, detector):
     )
     if pipe.pipe._execution_device.type == "cpu" and not args.tiny:
         print("note: running on the CPU; a full-size video takes a long time.", file=sys.stderr)
+    if not interactive():  # in a log, plain lines instead of diffusers' bar (its redraws leave escape codes)
+        pipe.pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _remembering(action_class: type) -> type:
+    """``action_class`` that also adds its ``dest`` to ``namespace.given`` when its flag is typed, so a typed
+    value is told from a default even where the two are equal."""
+
+    class Remembering(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+            super().__call__(parser, namespace, values, option_string)
+
+    return Remembering
 
 
 def add_parser(sub) -> None:
@@ -157,6 +249,9 @@ def add_parser(sub) -> None:
         help="make a video of the person in the photo(s)",
         formatter_class=HelpWithDefaults,
     )
+    for name in (None, "store", "store_true", "store_false", "append"):  # before any flag is added
+        gen.register("action", name, _remembering(gen._registry_get("action", name)))
+    gen.set_defaults(given=frozenset())
     gen.add_argument(
         "--face",
         action="append",
@@ -210,6 +305,13 @@ def add_parser(sub) -> None:
     gen.add_argument("--offload", choices=settings.OFFLOAD_MODES, default="none")
     gen.add_argument("--detector", choices=DETECTORS, default="auto")
     gen.add_argument("--tiny", action="store_true", help="use tiny random weights (offline smoke test)")
+    gen.add_argument(
+        "--settings-from",
+        type=Path,
+        metavar="VIDEO",
+        help="reuse the settings an MP4 made here carries (prompt, seed, sizes, steps, options...); "
+        "flags typed as well win. The face photo is not stored: give --face",
+    )
     more = gen.add_argument_group("beyond the release", "each works with the face adapter on")
     more.add_argument("--fast", action="store_true", help="AnimateLCM: 4-8 steps instead of 30")
     more.add_argument("--fast-weights", metavar="DIR", help="a local AnimateLCM folder (default: the registry's)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from .. import registry
@@ -29,7 +30,7 @@ def _download(args: argparse.Namespace) -> int:
         wanted += [(f"{kind} control model", registry.CONTROL_MODELS[kind]) for kind in args.control]
     for what, source in wanted:
         print(f"{what}: {describe(source)}")
-        print(f"  -> {resolve(source, what=what)}")
+        print(f"  -> {resolve(source, what=what, command='download')}")
     return 0
 
 
@@ -45,11 +46,14 @@ def _convert(args: argparse.Namespace) -> int:
         raise IDAnimatorError(f"The output {args.output} is the input file itself; give another output name.")
     if args.output.is_dir():
         raise IDAnimatorError(f"The output {args.output} is a folder; give a file name ending in .safetensors.")
+    replacing = args.output.exists()
+    if replacing and not args.force:
+        raise IDAnimatorError(f"The output {args.output} already exists; add --force to replace it.")
     weights = load_face_adapter_weights(args.input)
     out = save_face_adapter_weights(weights, args.output)
     print(
-        f"wrote {out} ({len(weights.image_proj)} image_proj + {len(weights.face_adapter)} face_adapter tensors, "
-        f"{weights.num_parameters():,} parameters)"
+        f"{'replaced' if replacing else 'wrote'} {out} ({len(weights.image_proj)} image_proj + "
+        f"{len(weights.face_adapter)} face_adapter tensors, {weights.num_parameters():,} parameters)"
     )
     return 0
 
@@ -61,7 +65,16 @@ def _make_tiny(args: argparse.Namespace) -> int:
         print(f"A tiny kit is already in {args.dir}; nothing was rebuilt (--force rebuilds it).")
     for name, path in build_tiny_kit(args.dir, force=args.force).items():
         print(f"{name}: {path}")
+    print(f"use it (without --tiny, which uses its own kit): python -m idanimator generate {tiny_kit_flags(args.dir)}")
     return 0
+
+
+def tiny_kit_flags(kit: Path) -> str:
+    """The generate flags that load the tiny kit in ``kit`` (the sizes the tiny models make in seconds)."""
+    parts = {"backbone": "base", "adapter": "animator.ckpt", "motion-adapter": "motion-adapter"}
+    parts["image-encoder"] = "image-encoder"
+    flags = " ".join(f"--{flag} {shlex.quote(str(kit / name))}" for flag, name in parts.items())
+    return f"{flags} --height 64 --width 64 --frames 8 --steps 4 --face PHOTO --prompt TEXT --out OUT.mp4"
 
 
 def _backbones(args: argparse.Namespace) -> int:
@@ -84,6 +97,7 @@ def add_parser(sub) -> None:
     conv = sub.add_parser("convert-checkpoint", help="write animator.ckpt as a .safetensors file")
     conv.add_argument("input", type=Path)
     conv.add_argument("output", type=Path)
+    conv.add_argument("--force", action="store_true", help="replace the output if it exists")
     conv.set_defaults(run=_convert)
 
     tiny = sub.add_parser(

@@ -15,44 +15,31 @@ Videos are processed by a pool of threads, not processes: the heavy steps (ffmpe
 onnxruntime, OpenCV, PNG encoding, HTTP) release the GIL, and threads share one loaded detector and
 captioner instead of loading a copy per process.
 
-Two runs into one OUT would undo each other's clips, so a run holds an OS-level lock (``fcntl.flock``) on
-``OUT/.build-dataset.lock`` from start to end; a second run says so and stops. The kernel drops the lock
-when its process ends, killed or not, so there is never a stale lock to remove by hand. Writing the manifest
-takes a second lock, ``OUT/.manifest.lock`` (waited for, not refused). The two are kept apart on purpose:
-every per-video and per-clip record is written on its own, atomically, and depends on nothing another video
-writes, so a later ``--shard I/N`` (several machines each building their share of the videos into one shared
-OUT, then one assembly of the manifest from all records) needs only a lock per shard instead of the run lock,
-and the manifest lock as it is.
+Keys, shards (``--shard I/N``: a share of the videos, no manifest; a final run without it writes the manifest)
+and the locks that keep runs into one OUT apart: :mod:`.layout`.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from ..errors import IDAnimatorError, UnreadableVideoError
-from ..files import ensure_folder, write_error
+from ..files import ensure_folder
 from ..video import VIDEO_SUFFIXES
 from .captions import ACTION_FRAMES, Captioner, Rewriter, get_captioner, get_rewriter
 from .decode import read_frames, read_thumbnails
 from .facepool import FACES_PER_CLIP, FaceFilter, FacePool, candidate_frames, save_faces
 from .labels import VideoLabels, labels_for, read_labels
+from .layout import MANIFEST_LOCK, Say, locked, parse_shard, run_locks, shown_path, video_key
 from .manifest import ClipRecord, read_json, write_json, write_manifest
 from .shots import CUT_THRESHOLD, MIN_CLIP_FRAMES, THUMB_SIZE, Clip, find_cuts, frame_distances, split_into_clips
-
-RUN_LOCK = ".build-dataset.lock"  # held by a run from start to end (see the module's notes)
-MANIFEST_LOCK = ".manifest.lock"  # held while the manifest is assembled from the clip records
-Say = Callable[[str], None]
 
 
 @dataclass
@@ -68,8 +55,11 @@ class BuildOptions:
     faces: FaceFilter = field(default_factory=FaceFilter)
     seed: int = 0
     progress: bool = True
+    shard: str | tuple[int, int] | None = None  # "I/N" or (I, N): build only every N-th video from the I-th
 
     def validate(self) -> BuildOptions:
+        if isinstance(self.shard, str):
+            self.shard = parse_shard(self.shard)
         for name, value, low in (("--workers", self.workers, 1), ("--faces-per-clip", self.faces_per_clip, 1)):
             if not isinstance(value, int) or value < low:
                 raise IDAnimatorError(f"{name} must be a whole number of at least {low}, not {value}.")
@@ -85,18 +75,27 @@ class BuildReport:
     videos: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # video -> why
     manifest: Path | None = None
+    shard: tuple[int, int] | None = None
+    all_videos: int = 0  # in the videos folder, when this was a shard of them
 
     def summary(self) -> str:
-        line = f"{self.new_clips} new clips, {self.done_clips} already done, from {_count(self.videos, 'video')}"
+        line = f"{self.new_clips} new clips, {self.done_clips} already done, from "
+        if self.shard:
+            line += f"{self.videos} of {_count(self.all_videos, 'video')} (shard {self.shard[0]}/{self.shard[1]})"
+        else:
+            line += _count(self.videos, "video")
         if self.skipped:
             line += f" ({len(self.skipped)} skipped)"
+        if self.manifest is None:
+            return f"{line}; the manifest is written by a run without --shard once every shard has finished"
         return f"{line}; wrote {self.manifest}"
 
 
 @dataclass
 class _Job:
     path: Path
-    key: str  # unique, file-name safe: clip ids and record names start with it
+    key: str  # unique, stable, file-name safe: clip ids and record names start with it (see video_key)
+    relative: str  # its path under the videos folder (posix): what its records are stamped with
     shown: str  # the path as the manifest records it
     name: str  # its path under the videos folder, without suffix: the identity when the labels name none
     labels: VideoLabels | None
@@ -159,10 +158,11 @@ class _Builder:
 
     def run(self, job: _Job) -> _Outcome:
         stat = job.path.stat()
-        stamp = {"video": job.shown, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **self.settings(job)}
+        stamp = {"video": job.relative, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **self.settings(job)}
         record_path = self.out / "videos" / f"{job.key}.json"
         record = read_json(record_path)
-        if record and record.get("stamp") == stamp and self._clips_present(record.get("clips", [])):
+        if record and self._same(record.get("stamp"), stamp, job) and self._clips_present(record.get("clips", [])):
+            self._refresh(job, stamp, record, record_path)
             return _Outcome(clips=record["clips"], error=record.get("error"))
         outcome = _Outcome(clips=[])
         try:
@@ -179,6 +179,29 @@ class _Builder:
     def _clips_present(self, clip_ids: list[str]) -> bool:
         return all((self.out / "clips" / f"{clip_id}.json").is_file() for clip_id in clip_ids)
 
+    @staticmethod
+    def _same(old: dict | None, stamp: dict, job: _Job) -> bool:
+        """Whether a record was built from this file with these settings. Older records (from before stamps
+        named the video by its path under the videos folder) named it as the manifest did then (absolute, or
+        relative to OUT): those still count, so an older data set is not rebuilt."""
+        if not isinstance(old, dict):
+            return False
+        if old == stamp:
+            return True
+        legacy = {str(job.path.resolve()), job.shown}
+        return old.get("video") in legacy and {**old, "video": stamp["video"]} == stamp
+
+    def _refresh(self, job: _Job, stamp: dict, record: dict, record_path: Path) -> None:
+        """Finished records of a video that has moved (with OUT or alone), or of an older stamp: only the
+        video's path and the stamp change (the clips, faces and captions do not depend on where the file is)."""
+        for clip_id in record.get("clips", []):
+            path = self.out / "clips" / f"{clip_id}.json"
+            data = read_json(path)
+            if data is not None and (data.get("video") != job.shown or data.get("stamp") != stamp):
+                write_json(path, data | {"video": job.shown, "stamp": stamp})
+        if record.get("stamp") != stamp:
+            write_json(record_path, record | {"stamp": stamp})
+
     def _build(self, job: _Job, stamp: dict, outcome: _Outcome) -> None:
         fps, thumbnails = read_thumbnails(job.path, THUMB_SIZE)
         counter = itertools.count()
@@ -194,7 +217,9 @@ class _Builder:
         for number, clip in enumerate(clips):
             clip_id = f"{job.key}--{number:03d}"
             done = read_json(self.out / "clips" / f"{clip_id}.json")
-            if done and done.get("stamp") == stamp:
+            if done and self._same(done.get("stamp"), stamp, job):
+                if done.get("video") != job.shown or done.get("stamp") != stamp:
+                    write_json(self.out / "clips" / f"{clip_id}.json", done | {"video": job.shown, "stamp": stamp})
                 outcome.clips.append(clip_id)
                 continue
             wanted = self.options.faces_per_clip
@@ -274,26 +299,6 @@ def find_videos(folder: Path, out: Path) -> list[Path]:
     return sorted(found)
 
 
-def _keys(relatives: list[Path]) -> list[str]:
-    """File-name-safe, unique keys: the relative path without suffix (folders joined by '__'), and with the
-    suffix where two videos differ only in it."""
-
-    def clean(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "video"
-
-    stems = [clean(rel.with_suffix("").as_posix().replace("/", "__")) for rel in relatives]
-    return [
-        stem if stems.count(stem) == 1 else clean(f"{stem}_{rel.suffix.lstrip('.')}")
-        for stem, rel in zip(stems, relatives, strict=True)
-    ]
-
-
-def _shown(path: Path, out: Path) -> str:
-    """How the manifest names a source video: relative to OUT when inside it, else absolute."""
-    absolute = path.resolve()
-    return absolute.relative_to(out.resolve()).as_posix() if absolute.is_relative_to(out.resolve()) else str(absolute)
-
-
 def build_dataset(videos: Path, out: Path, options: BuildOptions | None = None, say: Say | None = None) -> BuildReport:
     """Build (or finish building) the data set of every video in ``videos`` into ``out``; see the module's notes."""
     from tqdm import tqdm
@@ -306,8 +311,7 @@ def build_dataset(videos: Path, out: Path, options: BuildOptions | None = None, 
     paths = find_videos(videos, out)
     captioner, rewriter = get_captioner(options.captioner), get_rewriter(options.rewriter)
     ensure_folder(out)
-    busy = f"Another build-dataset run is writing into {out}; wait for it to finish or choose another --out."
-    with _locked(out / RUN_LOCK, busy=busy):
+    with run_locks(out, options.shard, say):
         return _build_all(videos, out, options, labels, paths, captioner, rewriter, say)
 
 
@@ -317,12 +321,23 @@ def _build_all(videos, out, options, labels, paths, captioner, rewriter, say: Sa
     from ..face import get_detector
 
     builder = _Builder(out, options, get_detector(options.detector), captioner, rewriter)
-    relatives = [path.relative_to(videos) for path in paths]
+    relatives = sorted((path.relative_to(videos).as_posix(), path) for path in paths)  # one order on every machine
     jobs = [
-        _Job(path, key, _shown(path, out), rel.with_suffix("").as_posix(), labels_for(labels, rel))
-        for path, key, rel in zip(paths, _keys(relatives), relatives, strict=True)
+        _Job(
+            path,
+            video_key(rel),
+            rel,
+            shown_path(path, out),
+            PurePosixPath(rel).with_suffix("").as_posix(),
+            labels_for(labels, Path(rel)),
+        )
+        for rel, path in relatives
     ]
-    report = BuildReport(videos=len(jobs))
+    report = BuildReport(videos=len(jobs), shard=options.shard, all_videos=len(jobs))
+    if options.shard:
+        index, count = options.shard
+        jobs = jobs[index::count]
+        report.videos = len(jobs)
     clip_ids: list[str] = []
     pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="build-dataset")
     try:
@@ -350,35 +365,13 @@ def _build_all(videos, out, options, labels, paths, captioner, rewriter, say: Sa
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
+    if options.shard:  # the manifest is assembled by the final run, from every shard's records
+        return report
     finished = [read_json(out / "clips" / f"{clip_id}.json") for clip_id in clip_ids]
     records = [ClipRecord.from_dict(data) for data in finished if data is not None]
-    with _locked(out / MANIFEST_LOCK):
+    with locked(out / MANIFEST_LOCK, say=say):
         report.manifest = write_manifest(out, records)
     return report
-
-
-@contextmanager
-def _locked(path: Path, busy: str | None = None) -> Iterator[None]:
-    """Hold an exclusive ``fcntl.flock`` on ``path`` for the block: with ``busy``, a lock held by another
-    process is that sentence at once, without it the lock is waited for. The file is never written (its
-    time stays put), and the lock goes with the process, however it ends."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise write_error(path.parent, exc) from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
-        except BlockingIOError:
-            raise IDAnimatorError(busy) from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _count(n: int, noun: str) -> str:

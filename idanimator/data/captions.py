@@ -58,7 +58,10 @@ _EMOTION_WORDS = {
 _GENDER_NOUNS = {"male": "man", "man": "man", "female": "woman", "woman": "woman"}
 _LEADING = {"young", "old", "chubby", "attractive", "bald"}  # words that read best before the noun
 _ING_VERBS = {"sing", "bring", "ring", "sting", "swing", "cling", "fling", "spring", "string", "wring"}
-_SKIP = {"blurry"}  # properties of the footage, not of the person
+_SKIP = {"blurry", "no beard"}  # a property of the footage, and an absence (CelebA's names, as CelebV-HQ's)
+_RENAMED = {"5 o clock shadow": "stubble"}
+_ARTICLE = {"hat", "necklace", "necktie", "mask", "tie", "scarf", "cap"}  # 'wearing a hat', 'wearing earrings'
+_HAIR_ORDER = ("long", "short", "straight", "wavy", "curly")  # then the colour: 'long wavy brown hair'
 
 
 class Captioner(Protocol):
@@ -85,14 +88,26 @@ def _join(words: list[str]) -> str:
 
 
 def attribute_caption(labels: VideoLabels | None) -> str:
-    """'a young man with black hair and eyeglasses' from appearance labels; 'a person' without any."""
-    words = [w for w in (labels.appearance if labels else ()) if w not in _SKIP]
+    """'a young man with black hair and eyeglasses' from appearance labels; 'a person' without any.
+
+    CelebA's attribute names (CelebV-HQ's) read as a phrase: the hair words join ('long wavy brown hair'),
+    'wearing_x' comes last ('..., wearing a hat'), 'no beard' is left out."""
+    words = [_RENAMED.get(w, w) for w in (labels.appearance if labels else ()) if w not in _SKIP]
     noun = next((_GENDER_NOUNS[w] for w in words if w in _GENDER_NOUNS), "person")
     leading = [w for w in words if w in _LEADING]
-    features = [w for w in words if w not in _GENDER_NOUNS and w not in _LEADING]
+    rest = [w for w in words if w not in _GENDER_NOUNS and w not in _LEADING]
+    worn = [w.removeprefix("wearing ") for w in rest if w.startswith("wearing ")]
+    worn = [f"a {w}" if w in _ARTICLE else w for w in worn]
+    hair_words = [w for w in rest if w.endswith(" hair") and " " not in w.removesuffix(" hair")]
+    hair = [w.removesuffix(" hair") for w in hair_words]
+    features = [w for w in rest if not w.startswith("wearing ") and w not in hair_words]
+    if hair:
+        hair.sort(key=lambda w: _HAIR_ORDER.index(w) if w in _HAIR_ORDER else len(_HAIR_ORDER))
+        features.insert(0, " ".join(hair) + " hair")
     phrase = " ".join([*leading, noun])
     phrase = ("an " if phrase[0] in "aeiou" else "a ") + phrase
-    return f"{phrase} with {_join(features)}" if features else phrase
+    phrase = f"{phrase} with {_join(features)}" if features else phrase
+    return f"{phrase}, wearing {_join(worn)}" if worn else phrase
 
 
 def gerund(action: str) -> str:

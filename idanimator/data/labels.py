@@ -2,9 +2,14 @@
 
 Three layouts are understood, so CelebV-HQ's own file works as downloaded:
 
-* CelebV-HQ's ``celebvhq_info.json``: ``{"meta_info": {"appearance_mapping": [...], "action_mapping": [...]},
-  "clips": {NAME: {"attributes": {"appearance": [0/1, ...], "action": [0/1, ...],
-  "emotion": {"sep_flag": ..., "labels": "neutral" | [...]}}}}}``;
+* CelebV-HQ's ``celebvhq_info.json``, as its README documents it: ``{"meta_info": {"appearance_mapping":
+  ["Blurry", "Male", "Young", ...], "action_mapping": ["blow", "chew", "close_eyes", ...]}, "clips": {NAME:
+  {"ytb_id": ..., "duration": {...}, "bbox": {...}, "attributes": {"appearance": [0, 1, ...], "action":
+  [0, 0, ...], "emotion": {"sep_flag": false, "labels": "neutral"}}, "version": "v0.1"}}}``, the 0/1 vectors
+  in the mappings' order, and with ``"sep_flag": true`` ``"labels"`` a list of ``{"emotion", "start_sec",
+  "end_sec"}`` (every emotion of the clip is kept). Names are matched whatever their case (``Male``), and
+  ``Male`` being 0 makes the person a woman (the label is binary). The early README's ``mete_info`` spelling
+  is read too;
 * plain JSON: ``{NAME: {"appearance": [...], "action": [...], "emotion": [...] | "...", "identity": "..."}}``;
 * CSV with a header: a ``name`` (or ``video``) column and any of ``appearance``, ``action``, ``emotion``,
   ``identity``; lists are separated by ``;`` or ``|``.
@@ -76,7 +81,7 @@ def _words(value) -> tuple[str, ...]:
 def _from_json(data) -> dict[str, VideoLabels]:
     if not isinstance(data, dict):
         raise ValueError("the top level must be an object mapping video names to labels")
-    if "clips" in data and "meta_info" in data:
+    if "clips" in data and ("meta_info" in data or "mete_info" in data):
         return _from_celebvhq(data)
     out = {}
     for name, entry in data.items():
@@ -93,21 +98,34 @@ def _from_json(data) -> dict[str, VideoLabels]:
 
 
 def _from_celebvhq(data: dict) -> dict[str, VideoLabels]:
-    meta = data["meta_info"]
-    appearance_names, action_names = meta["appearance_mapping"], meta["action_mapping"]
+    meta = data.get("meta_info", data.get("mete_info"))
+    appearance_names = _words_in_order(meta["appearance_mapping"])
+    action_names = _words_in_order(meta["action_mapping"])
     out = {}
     for name, clip in data["clips"].items():
-        attributes = clip.get("attributes", {})
-        appearance = [n for n, on in zip(appearance_names, attributes.get("appearance", []), strict=False) if on]
-        if "male" in appearance_names and "male" not in appearance:
+        attributes = clip.get("attributes") or {}
+        flags = attributes.get("appearance") or []
+        appearance = [n for n, on in zip(appearance_names, flags, strict=False) if _on(on)]
+        if "male" in appearance_names and len(flags) > appearance_names.index("male") and "male" not in appearance:
             appearance.insert(0, "female")  # the binary labels are exhaustive: not male means female
-        action = [n for n, on in zip(action_names, attributes.get("action", []), strict=False) if on]
+        action = [n for n, on in zip(action_names, attributes.get("action") or [], strict=False) if _on(on)]
         out[str(name)] = VideoLabels(
             appearance=_words(appearance),
             action=_words(action),
             emotion=_words(_celebvhq_emotions(attributes.get("emotion"))),
         )
     return out
+
+
+def _words_in_order(names) -> list[str]:
+    """A mapping's names as the words :func:`_words` makes of them, one per name, in order (positions matter)."""
+    if not isinstance(names, list):
+        raise ValueError("appearance_mapping and action_mapping must be lists of names")
+    return [str(name).strip().replace("_", " ").lower() for name in names]
+
+
+def _on(flag) -> bool:
+    return flag in (1, True, "1") or (isinstance(flag, float) and flag >= 0.5)
 
 
 def _celebvhq_emotions(emotion) -> list[str]:

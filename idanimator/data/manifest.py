@@ -2,7 +2,9 @@
 
 ``OUT/manifest.jsonl`` holds one JSON object per clip, sorted by ``clip_id``, with exactly these keys:
 
-``clip_id`` (str, unique), ``video`` (the source video: relative to OUT when inside it, else absolute),
+``clip_id`` (str, unique), ``video`` (the source video, relative to OUT: ``raw/a.mp4``, ``../videos/a.mp4``;
+absolute only where no relative path exists, e.g. another drive; manifests written before kept absolute
+paths, which still read),
 ``start_frame`` and ``end_frame`` (end exclusive; indices of decoded frames, see :mod:`.decode`), ``fps``
 (float), ``width``, ``height``, ``identity`` (str or null), ``caption_attribute``, ``caption_action``,
 ``caption`` (the merged one), ``faces`` (PNG paths relative to OUT: 224x224 face crops aligned exactly as
@@ -52,7 +54,7 @@ class ClipRecord:
         candidate = Path(path)
         if candidate.is_absolute() or self.root is None:
             return candidate
-        return self.root / candidate
+        return Path(os.path.normpath(self.root / candidate))  # '../videos/a.mp4' without the '..'
 
     @property
     def video_path(self) -> Path:

@@ -61,6 +61,8 @@ def markdown(summary: dict) -> str:
     ]
     if problems:
         lines += ["", "## Per-video warnings and notes", "", *problems]
+    if summary.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {note}" for note in summary["notes"])]
     setup = summary["setup"]
     lines += ["", "## Set-up", ""]
     lines += [f"- {k}: {v}" for k, v in setup.items() if not isinstance(v, dict)]
@@ -135,11 +137,34 @@ def plot_distributions(summary: dict, out: Path) -> Path | None:
     return _save(fig, out / DISTRIBUTION_PLOT)
 
 
+def skipped_plots(summary: dict) -> dict[str, str]:
+    """The plots that have nothing to show, each with the reason (a note in the summary, and on eval's output)."""
+    measured = [m for m in summary["columns"] if summary[m] is not None]
+    asked = [m for m in FACE_METRICS if m in summary["columns"]]
+    skipped = {}
+    if not any(m in measured for m in asked):
+        skipped[IDENTITY_PLOT] = (
+            "no face metric was asked for (--metrics)"
+            if not asked
+            else f'no face metric could be measured ({", ".join(asked)}: see why under "unavailable")'
+        )
+    if not measured:
+        skipped[DISTRIBUTION_PLOT] = "no metric could be measured"
+    return skipped
+
+
 def write_all(summary: dict, out: Path) -> list[Path]:
-    """Write every output; plots that cannot be drawn (no matplotlib) are noted in the summary instead."""
+    """Write every output; a plot that is not drawn (nothing to show, or no matplotlib) is noted in the summary
+    instead, and an older run's file of that name is removed, so the folder never shows another run's plot."""
     written = []
+    skipped = skipped_plots(summary)
     try:
         written += [p for p in (plot_identity(summary, out), plot_distributions(summary, out)) if p]
     except ImportError:
-        summary["notes"].append("matplotlib is not installed: no plots were drawn (pip install matplotlib)")
+        skipped = {
+            name: "matplotlib is not installed (pip install matplotlib)" for name in (IDENTITY_PLOT, DISTRIBUTION_PLOT)
+        }
+    for name, reason in skipped.items():
+        (out / name).unlink(missing_ok=True)
+        summary["notes"].append(f"{name} was not drawn: {reason}")
     return [write_json(summary, out), write_markdown(summary, out), *written]

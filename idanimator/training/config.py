@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import IDAnimatorError, InvalidRequestError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ID_LOSS_TIMESTEP_WEIGHTS = ("none", "one-minus-t-squared")  # the identity loss's weighting of a step's timestep
 MAX_FRAMES = 32  # the motion module's positional encoding holds 32 frames
 # A run's output folder (here, not in checkpoints.py or loop.py, so the CLI checks it before importing torch).
 CHECKPOINTS = "checkpoints"
 OFFICIAL_FILE = "animator.ckpt"
 LOG_FILE = "log.jsonl"
+STATE_FILE = "state.pt"  # a checkpoint's training state (complete checkpoints have one)
+CONFIG_FILE = "config.json"  # the run's settings, in OUT/ and in every checkpoint
+VALIDATION_SAMPLES = 2  # held-out identities (validation faces) by default when --validate-every is on
+STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -41,17 +47,25 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 10000  # optimiser steps
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: accelerate's (its launcher's flag or config file, else "no")
     gradient_checkpointing: bool = False
     seed: int = 42
     save_every: int = 1000
     validate_every: int = 0  # 0: no validation videos
     validation_steps: int = 25  # denoising steps of a validation video
+    # Identities (clips where the manifest has none) held out of training for the validation videos; None:
+    # VALIDATION_SAMPLES with --validate-every, else 0 (resolved by validate(), so a run records a number).
+    val_clips: int | None = None
     num_references: int = 1  # reference faces averaged per clip (as inference averages several photos)
     lora_rank: int = 128  # the release's; a file given to --init-adapter with a LoRA sets its own
     drop_text: float = 0.05
     drop_face: float = 0.05
     drop_both: float = 0.05
+    # The identity-preserving loss (training/identity_loss.py): off until its weight is measured on a GPU.
+    id_loss_weight: float = 0.0
+    id_loss_model: str | None = None  # an arcface_torch iresnet backbone.pth; None: the tiny one with --tiny
+    id_loss_frames: int = 2  # frames per clip decoded for it
+    id_loss_timestep_weight: str = "one-minus-t-squared"
     workers: int = 4
     resume: str | None = None  # "latest" (in --out) or a checkpoint folder
     tiny: bool = False
@@ -73,6 +87,7 @@ class TrainConfig:
             _whole("--" + name.replace("_", "-"), getattr(self, name), 0, 10**9)
         _whole("--workers", self.workers, 0, 256)
         _whole("--num-references", self.num_references, 1, 64)
+        self._check_id_loss()
         _whole("--lora-rank", self.lora_rank, 1, 4096)
         _whole("--seed", self.seed, 0, 2**32 - 1)
         if not (math.isfinite(self.lr) and 0 < self.lr < 1):
@@ -84,11 +99,31 @@ class TrainConfig:
         drops = (self.drop_text, self.drop_face, self.drop_both)
         if any(not (0 <= p <= 1) for p in drops) or sum(drops) > 1:
             raise InvalidRequestError("The dropout rates must each be between 0 and 1, and add up to at most 1.")
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision not in (None, *MIXED_PRECISION):
             raise InvalidRequestError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}.")
-        config = replace(self, data=Path(self.data).expanduser(), out=Path(self.out).expanduser())
+        val_clips = self.val_clips
+        if val_clips is None:
+            val_clips = VALIDATION_SAMPLES if self.validate_every else 0
+        _whole("--val-clips", val_clips, 0, 10**6)
+        config = replace(self, data=Path(self.data).expanduser(), out=Path(self.out).expanduser(), val_clips=val_clips)
         config.check_paths()
         return config
+
+    def _check_id_loss(self) -> None:
+        if not (math.isfinite(self.id_loss_weight) and self.id_loss_weight >= 0):
+            raise InvalidRequestError(f"--id-loss-weight must be 0 (off) or more, not {self.id_loss_weight}.")
+        _whole("--id-loss-frames", self.id_loss_frames, 1, MAX_FRAMES)  # a clip of fewer frames uses them all
+        if self.id_loss_timestep_weight not in ID_LOSS_TIMESTEP_WEIGHTS:
+            choices = ", ".join(ID_LOSS_TIMESTEP_WEIGHTS)
+            raise InvalidRequestError(f"--id-loss-timestep-weight must be one of {choices}.")
+        if self.id_loss_weight > 0 and self.id_loss_model is None and not self.tiny:
+            raise InvalidRequestError(
+                "--id-loss-weight needs --id-loss-model: an ArcFace iresnet from insightface's arcface_torch "
+                "(its backbone.pth, e.g. an IR-100)."
+            )
+        if self.id_loss_model is not None and not Path(self.id_loss_model).expanduser().is_file():
+            problem = f"--id-loss-model {self.id_loss_model} does not exist"
+            raise IDAnimatorError(f"{problem}; give an arcface_torch backbone.pth.")
 
     def check_paths(self) -> None:
         """--data is a folder; --out is a folder (or nothing yet) and holds no run unless --resume is given.
@@ -112,15 +147,13 @@ class TrainConfig:
         values = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(self).items()}
         return json.dumps(values, indent=2, sort_keys=True)
 
-    @classmethod
-    def from_namespace(cls, args) -> TrainConfig:
-        """The settings named like this class's fields, read from parsed arguments."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
-
-# What a resumed run must share with the run that saved the checkpoint: the data stream and its random draws,
-# and the optimiser settings (the checkpoint's would silently win). --max-steps may grow; precision may change.
+# What a resumed run must share with the run that saved the checkpoint: the data stream and its random draws
+# (the held-out validation clips included), the optimiser settings (the checkpoint's would silently win) and
+# the models the adapter's shapes depend on. --max-steps may grow; precision may change.
 SAME_ON_RESUME = (
+    "tiny",
+    "val_clips",
     "frames",
     "stride",
     "size",
@@ -137,16 +170,90 @@ SAME_ON_RESUME = (
 )
 
 
-def resume_mismatch(saved: dict, config: TrainConfig) -> str | None:
-    """The first setting that differs from the checkpoint's run, as a sentence; None when all agree."""
-    for name in SAME_ON_RESUME:
-        if name in saved and saved[name] != getattr(config, name):
-            flag = "--" + name.replace("_", "-")
-            return (
-                f"The checkpoint was trained with {flag} {saved[name]}, this run has {getattr(config, name)}; "
-                "resume with the same settings."
-            )
-    return None
+# Read only when a run starts: a resumed run keeps the checkpoint's adapter, so giving these is a conflict too.
+CHECKPOINT_DECIDES = ("init_adapter", "lora_rank")
+
+
+def resume_mismatch(saved: dict, config: TrainConfig, names=SAME_ON_RESUME) -> str | None:
+    """Every setting of ``names`` that differs from the checkpoint's run, in one sentence; None when all agree.
+    (A setting the saved run did not record is not compared.)"""
+    differ = [name for name in names if name in saved and saved[name] != getattr(config, name)]
+    if not differ:
+        return None
+    trained = " and ".join(_flag(name, saved[name]) for name in differ)
+    given = " and ".join(_flag(name, getattr(config, name)) for name in differ)
+    return (
+        f"The checkpoint was trained with {trained}, this run has {given}; resume with the checkpoint's "
+        "settings (leave these flags out to use them)."
+    )
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {'(default)' if value is None else value}"
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    """The complete checkpoints under ``out``, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_FOLDER.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(STEP_FOLDER.match(Path(folder).name).group(1))
+
+
+def find_resume(spec: str, out: Path) -> Path:
+    """``--resume``: "latest" (the newest checkpoint under --out), a run's output folder or one checkpoint."""
+    path = Path(out).expanduser() if spec == "latest" else Path(spec).expanduser()
+    if (path / STATE_FILE).is_file():
+        return path
+    found = checkpoints_in(path)
+    if not found:
+        raise IDAnimatorError(f"There is no checkpoint in {path} to resume from (looked for {CHECKPOINTS}/step-*/).")
+    return found[-1]
+
+
+def config_from_flags(args) -> TrainConfig:
+    """The `train` command's checked settings: the flags given (an option left out is None), then, with
+    --resume, the checkpoint's run's settings, then :class:`TrainConfig`'s defaults. A resumed run refuses, in
+    one sentence naming them all, given flags that differ from what it must share with the checkpoint's run.
+    Cheap (json, no torch): the CLI runs it before the heavy imports."""
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("resume") is None:
+        if "data" not in given:
+            raise InvalidRequestError("--data is required to start a run (the --out folder of `build-dataset`).")
+        return TrainConfig(**given).validate()
+    resume = given["resume"]
+    if resume != "latest" and not Path(resume).expanduser().exists():
+        raise IDAnimatorError(f"--resume {resume} does not exist; give a run's --out folder or a checkpoint.")
+    saved = saved_config(find_resume(resume, given["out"]))
+    # A damaged config.json is reported by the train command, with the checkpoint to go back to.
+    saved = {} if saved is None else {k: v for k, v in saved.items() if k in names - {"out", "resume"}}
+    saved.setdefault("val_clips", 0)  # runs saved before held-out validation clips trained on every clip
+    if "data" in saved:
+        saved["data"] = Path(saved["data"])
+    elif "data" not in given:
+        raise InvalidRequestError("--data is required: the checkpoint does not record its data set.")
+    problem = resume_mismatch(saved, TrainConfig(**{**saved, **given}), (*SAME_ON_RESUME, *CHECKPOINT_DECIDES))
+    if problem:
+        raise IDAnimatorError(problem)
+    return TrainConfig(**{**saved, **given}).validate()
+
+
+def saved_config(folder: Path) -> dict | None:
+    """A checkpoint's (or a run's) ``config.json``, or None when it is missing or unreadable."""
+    try:
+        saved = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def holds_run(out: Path) -> bool:
@@ -167,7 +274,7 @@ def _whole(flag: str, value, low: int, high: int) -> None:
 
 
 # The `train` command's options besides --data, --out and --resume: (field, type, help); bool: an on switch.
-# Defaults come from TrainConfig.
+# Defaults come from TrainConfig, or with --resume from the checkpoint's run (the flags' own default is None).
 OPTIONS = (
     (
         "init_adapter",
@@ -192,13 +299,33 @@ OPTIONS = (
     ("save_every", int, "save a checkpoint every N steps (and at the end)"),
     ("validate_every", int, "make validation videos every N steps (0: never)"),
     ("validation_steps", int, "denoising steps of a validation video"),
+    (
+        "val_clips",
+        int,
+        "identities (clips, without identities in the manifest) held out of training for the validation videos; "
+        f"default: {VALIDATION_SAMPLES} with --validate-every, else 0",
+    ),
     ("num_references", int, "reference faces averaged per clip"),
     ("lora_rank", int, "rank of a new LoRA (an --init-adapter with a LoRA keeps its own)"),
     ("drop_text", float, "share of clips trained without their caption"),
     ("drop_face", float, "share of clips trained without their face (zeros into CLIP, as at inference)"),
     ("drop_both", float, "share of clips trained without either"),
+    (
+        "id_loss_weight",
+        float,
+        "weight of the identity-preserving loss, 1 - cos of ArcFace embeddings of the reference and the predicted "
+        "clean frames (default: 0, off)",
+    ),
+    ("id_loss_model", str, "the identity loss's ArcFace: an arcface_torch iresnet backbone.pth (--tiny: a tiny one)"),
+    ("id_loss_frames", int, "frames per clip the identity loss decodes (their landmarks are found by the data loader)"),
+    ("id_loss_timestep_weight", str, "the identity loss's weight per timestep: none or one-minus-t-squared"),
     ("workers", int, "data-loading processes per GPU"),
-    ("mixed_precision", str, "no, fp16 or bf16 (the adapter's weights stay float32)"),
+    (
+        "mixed_precision",
+        str,
+        "no, fp16 (CUDA only) or bf16; the adapter's weights stay float32. Default: accelerate's (`accelerate "
+        "launch --mixed_precision` or its config file), else no",
+    ),
     ("gradient_checkpointing", bool, "recompute activations in the backward pass: less memory, slower"),
     ("tiny", bool, "the tiny random model kit (offline smoke test)"),
 )

@@ -28,11 +28,13 @@ from PIL import Image
 
 from ..data.manifest import MANIFEST_NAME, read_manifest
 from ..errors import IDAnimatorError
+from ..face import ALIGNED_SIZE, detect_faces, get_detector, largest_face
 from ..images import CLIP_SIZE, cover_crop
 from ..video import read_video
 
 # Every random draw is seeded with (seed, stream, number): the streams keep the draws of different jobs apart.
-_SAMPLE_STREAM, _ORDER_STREAM = 0, 1
+_SAMPLE_STREAM, _ORDER_STREAM, _HOLD_OUT_STREAM = 0, 1, 2
+_ID_STREAM = 3  # the identity loss's frames (its own stream: turning the loss on changes no other draw)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,27 @@ def load_clips(data: Path, frames: int) -> tuple[list[TrainingClip], str | None]
     return clips, " ".join(notes) or None
 
 
+def hold_out(clips: list[TrainingClip], count: int, seed: int) -> tuple[list[TrainingClip], list[TrainingClip]]:
+    """(training clips, validation clips): every clip of ``count`` identities drawn with the run's seed (a clip
+    the manifest gives no identity is one of its own), so no validation face, nor another clip of its person,
+    is ever trained on. Both lists keep the manifest's order."""
+    if not count:
+        return clips, []
+
+    def key(clip: TrainingClip) -> tuple[str, str]:
+        return ("identity", clip.identity) if clip.identity else ("clip", clip.clip_id)
+
+    keys = sorted({key(clip) for clip in clips})
+    if count >= len(keys):
+        raise IDAnimatorError(
+            f"--val-clips {count} would hold out all {len(keys)} identities of the usable clips and leave none to "
+            "train on; give fewer, or --val-clips 0 to validate on training clips."
+        )
+    order = np.random.default_rng([seed, _HOLD_OUT_STREAM]).permutation(len(keys))
+    chosen = {keys[int(i)] for i in order[:count]}
+    return [c for c in clips if key(c) not in chosen], [c for c in clips if key(c) in chosen]
+
+
 def _missing_videos(videos: list[str], shown: int = 3) -> str:
     """'2 whose video is missing (videos/a.mp4, videos/b.mp4)': the first few videos named, once each."""
     names = list(dict.fromkeys(videos))
@@ -207,6 +230,11 @@ class ClipDataset(torch.utils.data.Dataset):
     A sample: ``frames`` [F, 3, size, size] in [-1, 1]; ``faces`` [K, 3, 224, 224], CLIP-normalised pixels,
     all zeros when the face is dropped (what inference's unconditional branch feeds CLIP); ``caption``
     ("" when dropped); ``clip_id``, ``window`` and ``references`` (the pool faces used) for inspection.
+
+    With ``id_frames`` K > 0 (the identity loss), also: ``id_frames`` [K] (positions in the window, drawn at
+    random), ``id_landmarks`` [K, 5, 2] and ``id_found`` [K] (the 5 landmarks of the largest face ``detector``
+    finds on each of those real frames at the training size; a frame without a face is not found),
+    ``id_reference`` [R, 3, 112, 112] (the reference faces, aligned, in [-1, 1]) and ``face_dropped``.
     """
 
     def __init__(
@@ -220,10 +248,13 @@ class ClipDataset(torch.utils.data.Dataset):
         dropout: Dropout,
         seed: int,
         feature_extractor,
+        id_frames: int = 0,
+        detector: str = "auto",
     ):
         self.clips, self.frames, self.stride, self.size = clips, frames, stride, size
         self.num_references, self.dropout, self.seed = num_references, dropout, seed
         self.feature_extractor = feature_extractor
+        self.id_frames, self.detector = min(id_frames, frames), detector  # a name: each worker loads its own
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -239,6 +270,7 @@ class ClipDataset(torch.utils.data.Dataset):
         drop_text, drop_face = self.dropout.draw(rng)
         pixels = read_frames(clip.video, window, cover=self.size)  # cover_crop finishes
         frames = np.stack([np.asarray(cover_crop(Image.fromarray(f), self.size, self.size)) for f in pixels])
+        identity = self.identity_targets(frames, chosen, drop_face, position) if self.id_frames else {}
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         faces = [clip_input(Image.open(face.path)) for face in chosen]
         faces = self.feature_extractor(images=faces, return_tensors="pt").pixel_values
@@ -251,14 +283,42 @@ class ClipDataset(torch.utils.data.Dataset):
             "clip_id": clip.clip_id,
             "window": window,
             "references": [str(face.path) for face in chosen],
+            **identity,
+        }
+
+    def identity_targets(self, frames: np.ndarray, chosen: list[PoolFace], drop_face: bool, position: int) -> dict:
+        """The identity loss's part of a sample (see the class); ``frames``: [F, size, size, 3] uint8, real."""
+        rng = np.random.default_rng([self.seed, _ID_STREAM, position])
+        picked = np.sort(rng.choice(len(frames), size=self.id_frames, replace=False))
+        landmarks, found = np.zeros((len(picked), 5, 2), np.float32), np.zeros(len(picked), bool)
+        detector = get_detector(self.detector)
+        for slot, index in enumerate(picked):
+            faces = detect_faces(detector, frames[index])
+            if faces:
+                landmarks[slot], found[slot] = largest_face(faces).landmarks, True
+        references = [arcface_input(Image.open(face.path)) for face in chosen]
+        return {
+            "id_frames": torch.from_numpy(picked.astype(np.int64)),
+            "id_landmarks": torch.from_numpy(landmarks),
+            "id_found": torch.from_numpy(found),
+            "id_reference": torch.stack(references),
+            "face_dropped": torch.tensor(drop_face),
         }
 
 
+def arcface_input(face: Image.Image) -> torch.Tensor:
+    """A pool face (the aligned crop, 112 pixels, or CLIP's 224-pixel enlargement of it) as ArcFace's input:
+    [3, 112, 112] RGB in [-1, 1]."""
+    face = face.convert("RGB")
+    if face.size != (ALIGNED_SIZE, ALIGNED_SIZE):
+        face = face.resize((ALIGNED_SIZE, ALIGNED_SIZE), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(face).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
 def collate(samples: list[dict]) -> dict:
+    """Tensors are stacked (``frames``, ``faces`` and the identity loss's); everything else becomes a list."""
     batch = {key: [s[key] for s in samples] for key in samples[0]}
-    batch["frames"] = torch.stack(batch["frames"])
-    batch["faces"] = torch.stack(batch["faces"])
-    return batch
+    return {key: torch.stack(v) if isinstance(v[0], torch.Tensor) else v for key, v in batch.items()}
 
 
 class ClipStream(torch.utils.data.Sampler):

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +45,37 @@ from ..images import clip_image_processor
 from ..models import build_motion_unet, load_named_backbone, load_shared_parts, release_scheduler
 from ..tiny import load_options
 from .adapter_training import FaceAdapterTrainingModel, TrainableFaceAdapter, read_initial_adapter
-from .config import CHECKPOINTS, LOG_FILE, OFFICIAL_FILE, TrainConfig, resume_mismatch
-from .dataset import ClipDataset, ClipStream, Dropout, TrainingClip, clip_input, collate, load_clips, stride_note
+from .config import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    LOG_FILE,
+    OFFICIAL_FILE,
+    STATE_FILE,
+    STEP_FOLDER,
+    VALIDATION_SAMPLES,
+    TrainConfig,
+    checkpoint_step,
+    checkpoints_in,
+    find_resume,
+    resume_mismatch,
+)
+from .dataset import (
+    ClipDataset,
+    ClipStream,
+    Dropout,
+    TrainingClip,
+    clip_input,
+    collate,
+    hold_out,
+    load_clips,
+    stride_note,
+)
+from .identity_loss import IdentityLoss, IdentityTerm, identity_record
 
 ADAPTER_FILE = "adapter.safetensors"
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.json"
 TRACKER_RUN = "train"
-VALIDATION_SAMPLES = 2  # faces (of different identities) per validation
 VALIDATION_FPS = 9  # the release's export rate
 VALIDATION_PROMPT = "a person"  # for a clip without a caption
-_STEP = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -163,6 +182,14 @@ def encode_video(vae, frames: torch.Tensor, generator: torch.Generator) -> torch
 def diffusion_loss(model, parts: FrozenParts, batch: dict, generator: torch.Generator, device, dtype) -> torch.Tensor:
     """The loss of one micro-batch; gradients reach only the adapter inside ``model``. Latents, noise and
     timesteps come from ``generator``, so a micro-step's randomness is fixed by the run's seed and its number."""
+    return step_losses(model, parts, batch, generator, device, dtype, None)[0]
+
+
+def step_losses(
+    model, parts: FrozenParts, batch: dict, generator: torch.Generator, device, dtype, identity: IdentityLoss | None
+) -> tuple[torch.Tensor, IdentityTerm | None]:
+    """:func:`diffusion_loss`, and with ``identity`` (--id-loss-weight > 0) the identity term of the same
+    prediction (it draws nothing from ``generator``: with the loss off, a run is what it was without it)."""
     latents = encode_video(parts.vae, batch["frames"].to(device=device, dtype=dtype), generator)
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     steps = parts.noise_scheduler.config.num_train_timesteps
@@ -170,7 +197,24 @@ def diffusion_loss(model, parts: FrozenParts, batch: dict, generator: torch.Gene
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     text, faces = encode_conditions(parts, batch, device, dtype)
     prediction = model(noisy, timesteps, text, faces)
-    return F.mse_loss(prediction.float(), noise.float())
+    mse = F.mse_loss(prediction.float(), noise.float())
+    # -- the identity-preserving loss (identity_loss.py): ArcFace on the decoded x0 estimate of K frames --
+    return mse, None if identity is None else identity(parts.vae, noisy, prediction, timesteps, batch)
+
+
+def load_identity_loss(config: TrainConfig) -> IdentityLoss | None:
+    """The identity loss's frozen ArcFace (--id-loss-model; with --tiny and none given, the tiny kit's), on
+    the CPU; None when --id-loss-weight is 0. A bad file is one sentence, before any other model loads."""
+    if config.id_loss_weight == 0:
+        return None
+    from ..arcface import load_arcface
+
+    path = config.id_loss_model
+    if path is None:  # validate() allows this only with --tiny
+        from ..tiny.arcface_kit import build_tiny_arcface
+
+        path = build_tiny_arcface()
+    return IdentityLoss(load_arcface(path), config.id_loss_timestep_weight)
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -178,13 +222,16 @@ def diffusion_loss(model, parts: FrozenParts, batch: dict, generator: torch.Gene
 
 def train(config: TrainConfig, say=print) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, gather_object
     from diffusers.optimization import get_constant_schedule_with_warmup
     from tqdm.auto import tqdm
 
     config = config.validate()
-    # Cheap checks first: a bad dataset, resume folder or initial adapter is reported before any model loads.
+    # Cheap checks first: a bad dataset, resume folder, initial adapter or precision is reported before any model
+    # loads. The validation clips are held out of the training clips (whole identities, so their faces are unseen).
+    precision = check_mixed_precision(config.mixed_precision)
     clips, skipped = load_clips(config.data, config.frames)
+    clips, held_out = hold_out(clips, config.val_clips, config.seed)
     resume_from = find_resume(config.resume, config.out) if config.resume else None
     if resume_from is not None:  # the checkpoint holds the whole adapter: --init-adapter is not read
         resumed_weights, resumed_state, resumed_config = read_checkpoint(resume_from)
@@ -193,14 +240,25 @@ def train(config: TrainConfig, say=print) -> TrainResult:
             raise IDAnimatorError(problem)
     else:
         initial = read_initial_adapter(config.init_adapter, _tiny_adapter(config))
+    identity = load_identity_loss(config)
 
     out = config.out.resolve()  # paths as given are for messages; accelerate and TensorBoard get absolute ones
+    # Several processes from a launcher (torchrun, accelerate launch) on a machine without GPUs are CPU ranks
+    # (gloo): accelerate would otherwise make each a lone rank 0, training its own copy into the same --out.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         gradient_accumulation_steps=config.grad_accum,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision,
+        cpu=launched > 1 and not torch.cuda.is_available(),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if "WORLD_SIZE" in os.environ and accelerator.num_processes != launched:
+        raise IDAnimatorError(
+            f"The launcher started {launched} processes but accelerate runs {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}), so each would train alone; launch on GPUs, or set "
+            "ACCELERATE_USE_CPU=1 for CPU processes."
+        )
     main = accelerator.is_main_process
     say = say if main else (lambda line: None)
     if main:
@@ -210,13 +268,17 @@ def train(config: TrainConfig, say=print) -> TrainResult:
         if note:
             say(f"note: {note}")
     start = initial.description if resume_from is None else f"{resume_from} (step {resumed_state['step']})"
-    say(f"training on {len(clips)} clips; starting from {start}")
+    say(
+        f"training on {_count(len(clips), 'clip')} in {_count(accelerator.num_processes, 'process', 'es')} "
+        f"({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}); starting from {start}"
+    )
+    say(f"validation: {validation_note(config, clips, held_out)}")
 
     # The models: frozen parts, the trainable adapter on the motion UNet, the optimiser and its schedule.
     parts = load_frozen_parts(
         config.backbone, motion_adapter=config.motion_adapter, image_encoder=config.image_encoder, tiny=config.tiny
     )
-    dtype, device = _weight_dtype(config.mixed_precision), accelerator.device
+    dtype, device = _weight_dtype(accelerator.mixed_precision), accelerator.device
     if resume_from is not None:
         weights = resumed_weights
     else:
@@ -226,6 +288,8 @@ def train(config: TrainConfig, say=print) -> TrainResult:
     if config.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     model = FaceAdapterTrainingModel(parts.unet, adapter.to(device))
+    if identity is not None:
+        identity.attach(parts.noise_scheduler, device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # accelerate steps a prepared schedule once per process per optimiser step: count warm-up likewise.
     schedule = get_constant_schedule_with_warmup(optimizer, config.warmup_steps * accelerator.num_processes)
@@ -254,39 +318,52 @@ def train(config: TrainConfig, say=print) -> TrainResult:
         collate_fn=collate,
         pin_memory=accelerator.device.type == "cuda",
     )
-    validation = Validation(pick_samples(clips)) if config.validate_every and main else None
+    validation = None
+    if config.validate_every and main:  # a face per held-out identity (--val-clips 0: the first training clips')
+        validation = Validation(pick_samples(held_out or clips, config.val_clips or VALIDATION_SAMPLES))
 
     hyperparameters = {k: v for k, v in json.loads(config.to_json()).items() if v is not None}
     accelerator.init_trackers(TRACKER_RUN, config=hyperparameters)
     log = StepLog(config.out / LOG_FILE, step) if main else None
     progress = tqdm(total=config.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, loss_value = [], None
+    losses, loss_value, trained_on, id_sums = [], None, [], []
     batches = iter(loader)
     while step < config.max_steps:
         batch = next(batches)
         micro = step * config.grad_accum + len(losses)
         generator = micro_step_generator(config.seed, micro, accelerator.process_index)
         with accelerator.accumulate(model):
-            loss = diffusion_loss(model, parts, batch, generator, device, dtype)
-            accelerator.backward(loss)
+            loss, id_term = step_losses(model, parts, batch, generator, device, dtype, identity)
+            if id_term is not None:  # the identity-preserving loss, weighted (--id-loss-weight)
+                id_sums.append(id_term.sums())
+            accelerator.backward(loss if id_term is None else loss + config.id_loss_weight * id_term.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+        trained_on.extend(batch["clip_id"])
         if not accelerator.sync_gradients:
             continue
         step += 1
         loss_value = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
-        losses = []
+        clip_ids = gather_object(trained_on)  # every process's clips of the step, in process order
+        losses, trained_on = [], []
         if not math.isfinite(loss_value):
             raise IDAnimatorError(f"The loss became {loss_value} at step {step}; lower --lr or use bf16 over fp16.")
+        id_record = {}  # the identity term over the step's frames with a face, in every process
+        if identity is not None:
+            id_record = identity_record(accelerator.gather(torch.stack(id_sums).sum(0)[None]).sum(0))
+            id_sums = []
+            if not math.isfinite(id_record.get("id_loss", 0.0)):
+                raise IDAnimatorError(f"The identity loss became {id_record['id_loss']} at step {step}; lower --lr.")
         lr = schedule.get_last_lr()[0]
-        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+        id_logs = {f"train/{k}": v for k, v in id_record.items()}
+        accelerator.log({"train/loss": loss_value, "train/lr": lr, **id_logs}, step=step)
         if main:
-            log.write({"step": step, "loss": loss_value, "lr": lr})
+            log.write({"step": step, "loss": loss_value, **id_record, "lr": lr, "clips": clip_ids})
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if step % config.save_every == 0 or step == config.max_steps:
@@ -313,6 +390,42 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def check_mixed_precision(flag: str | None) -> str | None:
+    """The precision to hand accelerate: the flag, or (None) accelerate's own choice, which `accelerate launch`
+    passes from its --mixed_precision or config file. One that cannot run here is refused in a sentence."""
+    wanted = flag or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    source = "--mixed-precision" if flag else "accelerate's setting (its launch flag or config file)"
+    if wanted == "fp16" and not torch.cuda.is_available():
+        raise IDAnimatorError(
+            f"{source} asks for fp16, which needs a CUDA GPU and this machine has none; "
+            "give --mixed-precision bf16 or no."
+        )
+    if wanted == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise IDAnimatorError(f"{source} asks for bf16, which this GPU cannot run; give --mixed-precision fp16 or no.")
+    return flag
+
+
+def _count(number: int, noun: str, plural: str = "s") -> str:
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun[:-1] + 'ies' if noun.endswith('y') else noun + plural}"
+
+
+def validation_note(config: TrainConfig, clips: list[TrainingClip], held_out: list[TrainingClip]) -> str:
+    """What the validation videos show, said once at the start of a run."""
+    if held_out:
+        keys = {clip.identity or clip.clip_id for clip in held_out}
+        names = ", ".join(clip.clip_id for clip in held_out[:5]) + (" ..." if len(held_out) > 5 else "")
+        when = "" if config.validate_every else " (no validation videos: --validate-every 0)"
+        return (
+            f"{_count(len(held_out), 'clip')} of {_count(len(keys), 'identity')} held out of training ({names}); "
+            f"the validation videos use their faces and captions, unseen in training{when}"
+        )
+    if config.validate_every:
+        return "--val-clips 0: the validation faces and prompts are training clips', so they show fitting only"
+    return "none (--validate-every 0)"
+
+
 def _tiny_adapter(config: TrainConfig) -> Path | None:
     """Tiny mode's default start: the tiny kit's face adapter (built on first use)."""
     if not config.tiny or config.init_adapter is not None:
@@ -332,6 +445,7 @@ def build_dataset(config: TrainConfig, clips: list[TrainingClip], feature_extrac
         dropout=Dropout(config.drop_text, config.drop_face, config.drop_both),
         seed=config.seed,
         feature_extractor=feature_extractor,
+        id_frames=config.id_loss_frames if config.id_loss_weight > 0 else 0,  # landmarks for the identity loss
     )
 
 
@@ -415,22 +529,7 @@ def restore_rng_state(folder: Path, process: int) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoints_in(out: Path) -> list[Path]:
-    """The complete checkpoints under ``out``, oldest first."""
-    root = Path(out) / CHECKPOINTS
-    found = [p for p in root.iterdir() if _STEP.match(p.name) and (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return sorted(found, key=_step)
-
-
-def find_resume(spec: str, out: Path) -> Path:
-    """``--resume``: "latest" (the newest checkpoint under --out), a run's output folder or one checkpoint."""
-    path = Path(out) if spec == "latest" else Path(spec).expanduser()
-    if (path / STATE_FILE).is_file():
-        return path
-    found = checkpoints_in(path)
-    if not found:
-        raise IDAnimatorError(f"There is no checkpoint in {path} to resume from (looked for {CHECKPOINTS}/step-*/).")
-    return found[-1]
+# checkpoints_in and find_resume are in .config: the CLI finds a run's checkpoint before torch is imported.
 
 
 def read_checkpoint(folder: Path) -> tuple[FaceAdapterWeights, dict, dict]:
@@ -448,18 +547,15 @@ def read_checkpoint(folder: Path) -> tuple[FaceAdapterWeights, dict, dict]:
         except Exception:  # torch.load raises many kinds (zip, pickle, EOF) with long texts: the file is what matters
             ok = False
         if not ok:
-            match = _STEP.match(folder.name)
-            earlier = [c for c in checkpoints_in(folder.parent.parent) if match and _step(c) < int(match.group(1))]
+            match = STEP_FOLDER.match(folder.name)
+            found = checkpoints_in(folder.parent.parent)
+            earlier = [c for c in found if match and checkpoint_step(c) < int(match.group(1))]
             if earlier:
                 how = f"; resume from the one before it with --resume {earlier[-1]}."
             else:
                 how = " and no earlier checkpoint exists; start again with another --out."
             raise IDAnimatorError(f"The checkpoint file {path} is damaged{how}")
     return load_face_adapter_weights(folder / ADAPTER_FILE), state, saved
-
-
-def _step(folder: Path) -> int:
-    return int(_STEP.match(folder.name).group(1))
 
 
 # -- validation videos -----------------------------------------------------------------------------
