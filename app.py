@@ -119,7 +119,8 @@ MAX_UPLOAD = "20mb"  # per file; larger uploads are refused before they reach Py
 STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
 ZERO_GPU = bool(spaces.config.Config.zero_gpu)
 ASSETS = Path(__file__).resolve().parent / "assets"
-HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "steps", "guidance_scale", "id_scale"]  # then size, options
+# The history table: these settings, then the size and the options beyond the release.
+HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "num_inference_steps", "guidance_scale", "id_scale"]
 HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "size", "options"]
 # Pixels: 1085 in all, so a desktop shows every column; a phone scrolls the table sideways.
 HISTORY_WIDTHS = [85, 290, 140, 65, 60, 80, 75, 70, 220]
@@ -179,7 +180,9 @@ def banner_text(engine: Studio) -> str:
         lines.append(
             "**Tiny mode: the weights are random, so videos are coloured noise.** "
             f"Reason: {_first_sentence(engine.tiny_reason)}. To use the real ID-Animator weights, run "
-            "`python -m idanimator download` on a machine with internet access, then restart the app. "
+            "`python -m idanimator download` and restart the app; for a machine without internet, run it on one "
+            "that has internet, copy its Hugging Face cache (the `HF_HOME` folder, `~/.cache/huggingface` by "
+            "default) here, and start the app with `HF_HOME` set to that copy and `HF_HUB_OFFLINE=1`. "
             "Sizes start at 64x64 pixels, 8 frames and 4 steps so a CPU makes a video in seconds."
         )
     if engine.warm_error:
@@ -224,7 +227,7 @@ def starting_values(engine: Studio) -> dict:
     tiny = settings.TINY_DEFAULTS if engine.tiny else {}
     return dict(
         num_frames=tiny.get("num_frames", settings.FRAMES.default),
-        steps=tiny.get("steps", settings.STEPS.default),
+        num_inference_steps=tiny.get("num_inference_steps", settings.STEPS.default),
         guidance_scale=settings.GUIDANCE.default,
         id_scale=settings.ID_SCALE.default,
         fps=settings.FPS.default,
@@ -467,7 +470,25 @@ def restore_settings(history, event: gr.SelectData):
     row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
     if not isinstance(row, int) or not 0 <= row < len(rows):
         return [gr.update() for _ in RESTORED]
-    item = rows[row]
+    return form_updates(rows[row])
+
+
+def settings_from_video(video):
+    """An MP4 made here dropped on the page: the settings it carries in its metadata fill the form."""
+    from idanimator.video import read_settings
+
+    if not video:
+        return [gr.update() for _ in RESTORED]
+    try:
+        item = read_settings(_paths([video])[0], required=True)
+    except IDAnimatorError as exc:
+        raise _error(str(exc)) from None
+    gr.Info("The form now holds that video's settings (the photos and control files are yours to add).")
+    return form_updates(item)
+
+
+def form_updates(item: dict) -> list:
+    """A video's settings (GenerationRequest.settings()) as updates of RESTORED's widgets, in that order."""
     size = (item.get("height"), item.get("width"))
     label = next((name for name, hw in resolutions(studio()).items() if hw == size), None)
     values = {
@@ -490,7 +511,7 @@ RESTORED = (
     "randomize_seed",
     "id_scale",
     "num_frames",
-    "steps",
+    "num_inference_steps",
     "guidance_scale",
     "fps",
     "resolution",
@@ -583,7 +604,29 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 # The options in tabs: one is open at a time, so the result column stays beside them.
                 with gr.Tabs(elem_id="options"):
                     with gr.Tab("Examples", elem_id="examples-tab"):
-                        examples_box = gr.Column()
+                        examples = [  # public-domain / CC0 photos, see assets/README.md
+                            ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
+                            ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
+                            ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
+                        ]
+                        examples = [[str(ASSETS / name), [str(ASSETS / name)], text] for name, text in examples]
+                        examples = [example for example in examples if os.path.exists(example[0])]
+                        recipe = gr.File(
+                            label="Or drop an MP4 made here: the settings it carries fill the form",
+                            file_types=[".mp4"],
+                            height=120,
+                            elem_id="recipe",
+                        )
+                        thumbnail = gr.Image(label="Photo", type="filepath", visible=False)  # the first column
+                        if examples:
+                            gr.Examples(
+                                examples=examples,
+                                inputs=[thumbnail, files, prompt],
+                                visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the files too)
+                                label="Click one, then Generate",
+                                elem_id="examples",
+                                cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
+                            )
                     with gr.Tab("Advanced", elem_id="advanced"):
                         negative = gr.Textbox(
                             label="Negative prompt (the release's default)",
@@ -604,7 +647,9 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                             frames = slider(
                                 settings.FRAMES, defaults["num_frames"], elem_id="frames", maximum=caps.max_frames
                             )
-                            steps = slider(settings.STEPS, defaults["steps"], elem_id="steps", maximum=caps.max_steps)
+                            steps = slider(
+                                settings.STEPS, defaults["num_inference_steps"], elem_id="steps", maximum=caps.max_steps
+                            )
                         with gr.Row():
                             guidance = slider(settings.GUIDANCE, defaults["guidance_scale"], elem_id="guidance")
                             fps = slider(settings.FPS, defaults["fps"], elem_id="fps")
@@ -686,7 +731,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     randomize_seed=randomize,
                     id_scale=id_scale,
                     num_frames=frames,
-                    steps=steps,
+                    num_inference_steps=steps,
                     guidance_scale=guidance,
                     fps=fps,
                     resolution=resolution,
@@ -700,24 +745,6 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     control_video=control_video,
                     control_strength=control_strength,
                 )
-                examples = [  # public-domain / CC0 photos, see assets/README.md
-                    ("astronaut.jpg", "a woman smiling and waving, floating in a space station"),
-                    ("astronaut.jpg", "a woman giving a speech on a stage, spotlight"),
-                    ("cameraman.jpg", "a man filming with a camera in a park, autumn leaves falling"),
-                ]
-                examples = [[str(ASSETS / name), [str(ASSETS / name)], text] for name, text in examples]
-                examples = [example for example in examples if os.path.exists(example[0])]
-                with examples_box:
-                    thumbnail = gr.Image(label="Photo", type="filepath", visible=False)  # the examples' first column
-                    if examples:
-                        gr.Examples(
-                            examples=examples,
-                            inputs=[thumbnail, files, prompt],
-                            visible_columns=[0, 2],  # the photo's thumbnail and the prompt (the files are filled too)
-                            label="Click one, then Generate",
-                            elem_id="examples",
-                            cache_examples=False,  # examples only fill the inputs; nothing runs at start-up
-                        )
             with gr.Column(elem_id="results"):  # sticky (CSS): in view while the options are scrolled
                 preview = gr.Image(
                     label="Preview while denoising", height=120, interactive=False, buttons=[], elem_id="preview"
@@ -780,6 +807,13 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
             control_visibility,
             control,
             [control_images, control_frames, control_video, control_strength, control_heading, control_preview],
+            queue=False,
+            api_visibility="private",
+        )
+        recipe.upload(
+            settings_from_video,
+            recipe,
+            [page_inputs[name] for name in RESTORED],
             queue=False,
             api_visibility="private",
         )

@@ -64,11 +64,11 @@ def log(message: str) -> None:
 def plan(mode: str) -> dict:
     """Requests and repeats. The cold/warm request is the app's tiny-mode start (8 frames, 4 steps, 64x64);
     where a ratio compares whole requests, a longer one, so that a few milliseconds do not decide it."""
-    request = {"num_frames": 8, "steps": 4, "height": 64, "width": 64}
+    request = {"num_frames": 8, "num_inference_steps": 4, "height": 64, "width": 64}
     if mode == "smoke":
-        request = {**request, "num_frames": 2, "steps": 1}
+        request = {**request, "num_frames": 2, "num_inference_steps": 1}
         return {"request": request, "long_request": request, "repeats": 1, "processes": 1}
-    long_request = {**request, "num_frames": 16, "steps": 25}
+    long_request = {**request, "num_frames": 16, "num_inference_steps": 25}
     if mode == "quick":
         return {"request": request, "long_request": long_request, "repeats": 2, "processes": 2}
     return {"request": request, "long_request": long_request, "repeats": 5, "processes": 4}
@@ -161,11 +161,21 @@ def face_path(photo: Path, settings: dict, repeats: int, warm_up: bool) -> dict:
 
     def run_ours():
         ours.face_cache = FaceFeatureCache()  # the image encoder runs, as for a new face
-        ours(crops, PROMPT, negative_prompt="", add_prompt_suffix=False, steps=settings["steps"], seed=0, **size)
+        ours(
+            crops,
+            PROMPT,
+            negative_prompt="",
+            add_prompt_suffix=False,
+            num_inference_steps=settings["num_inference_steps"],
+            seed=0,
+            **size,
+        )
 
     def run_stock():
         generator = torch.Generator().manual_seed(0)
-        stock(PROMPT, negative_prompt="", num_inference_steps=settings["steps"], generator=generator, **size)
+        stock(
+            PROMPT, negative_prompt="", num_inference_steps=settings["num_inference_steps"], generator=generator, **size
+        )
 
     if warm_up:  # first calls pay one-off costs on both sides
         run_ours(), run_stock()
@@ -263,7 +273,7 @@ def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: d
             seed=seed,
             randomize_seed=False,
             num_frames=request["num_frames"],
-            steps=request["steps"],
+            num_inference_steps=request["num_inference_steps"],
             fps=FPS,
             resolution=resolution,
             api_name="/generate",
@@ -273,8 +283,16 @@ def serving_overhead(apps: dict[str, App], photo: Path, folder: Path, request: d
 
     def in_library(seed: int) -> None:
         size = dict(num_frames=request["num_frames"], height=request["height"], width=request["width"])
-        result = library([str(photo)], PROMPT, negative_prompt="", steps=request["steps"], seed=seed, **size)
-        write_mp4(result.frames, folder / f"library-{seed}.mp4", fps=FPS)
+        result = library(
+            [str(photo)],
+            PROMPT,
+            negative_prompt="",
+            num_inference_steps=request["num_inference_steps"],
+            seed=seed,
+            output_type="np",
+            **size,
+        )
+        write_mp4(result.frames[0], folder / f"library-{seed}.mp4", fps=FPS)
 
     # The first request to an app also waits for its warm-up; the first library call loads the detector.
     for _ in range(2 if warm_up else 1):

@@ -18,16 +18,16 @@ from pathlib import Path
 from common import PROMPT, face_photo
 
 CALIBRATION = [
-    dict(num_frames=8, steps=4),
-    dict(num_frames=16, steps=8),
-    dict(num_frames=8, steps=12, height=96),
+    dict(num_frames=8, num_inference_steps=4),
+    dict(num_frames=16, num_inference_steps=8),
+    dict(num_frames=8, num_inference_steps=12, height=96),
 ]
 TESTS = {
-    "24 frames, 60 steps": dict(num_frames=24, steps=60),
-    "FreeInit, 8 frames, 10 steps": dict(num_frames=8, steps=10, free_init=True),
-    "32 frames, 30 steps, 64x96": dict(num_frames=32, steps=30, height=96),
-    "fast mode, 16 frames": dict(num_frames=16, steps=6, guidance_scale=1.5, fast=True),
-    "12 frames, 20 steps, no guidance": dict(num_frames=12, steps=20, guidance_scale=1.0),
+    "24 frames, 60 steps": dict(num_frames=24, num_inference_steps=60),
+    "FreeInit, 8 frames, 10 steps": dict(num_frames=8, num_inference_steps=10, free_init=True),
+    "32 frames, 30 steps, 64x96": dict(num_frames=32, num_inference_steps=30, height=96),
+    "fast mode, 16 frames": dict(num_frames=16, num_inference_steps=6, guidance_scale=1.5, fast=True),
+    "12 frames, 20 steps, no guidance": dict(num_frames=12, num_inference_steps=20, guidance_scale=1.0),
 }
 
 
@@ -61,8 +61,8 @@ def main() -> None:
         studio = Studio(StudioOptions(tiny=True, device="cpu", output_dir=Path(folder)))
         photo = face_photo(Path(folder))
         # Not calibration runs: the models load, and fast mode's AnimateLCM and LoRA load once (one-off costs).
-        denoising_seconds(studio, photo, dict(num_frames=8, steps=2))
-        denoising_seconds(studio, photo, dict(num_frames=8, steps=2, guidance_scale=1.5, fast=True))
+        denoising_seconds(studio, photo, dict(num_frames=8, num_inference_steps=2))
+        denoising_seconds(studio, photo, dict(num_frames=8, num_inference_steps=2, guidance_scale=1.5, fast=True))
         studio.speed.runs.clear()
         for fields in CALIBRATION:
             denoising_seconds(studio, photo, fields)

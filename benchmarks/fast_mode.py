@@ -48,9 +48,9 @@ def fast_vs_standard(photo: str | Path, *, frames: int = 16, size: int = 64, rep
     crops = pipe.prepare_faces([str(photo)])  # detection is not part of either side
     common = dict(num_frames=frames, height=size, width=size, seed=0)
     runs = {
-        "standard": dict(steps=STEPS.default, guidance_scale=GUIDANCE.default),
-        "fast": dict(steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE, fast=True),
-        "same_steps": dict(steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE),
+        "standard": dict(num_inference_steps=STEPS.default, guidance_scale=GUIDANCE.default),
+        "fast": dict(num_inference_steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE, fast=True),
+        "same_steps": dict(num_inference_steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE),
     }
     for options in runs.values():  # first calls pay one-off costs (fast mode: loading AnimateLCM, once)
         pipe(crops, PROMPT, **common, **options)
@@ -60,7 +60,7 @@ def fast_vs_standard(photo: str | Path, *, frames: int = 16, size: int = 64, rep
             times[name].append(_timed(lambda o=options: pipe(crops, PROMPT, **common, **o)))
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    request = GenerationRequest(prompt=PROMPT, steps=FAST_STEPS, fast=True).validate()
+    request = GenerationRequest(prompt=PROMPT, num_inference_steps=FAST_STEPS, fast=True).validate()
     unet = pipe.pipe.unet
 
     def switch():  # fast mode on and off around no denoising
@@ -83,7 +83,11 @@ def fast_vs_standard(photo: str | Path, *, frames: int = 16, size: int = 64, rep
         "fast_switch_s": switch_s,
         "lora_load_s": load_s,
         "kept_lora_ratio": kept / bare,
-        "request": {**common, "standard": runs["standard"], "fast": {"steps": FAST_STEPS, "guidance": FAST_GUIDANCE}},
+        "request": {
+            **common,
+            "standard": runs["standard"],
+            "fast": {"num_inference_steps": FAST_STEPS, "guidance": FAST_GUIDANCE},
+        },
     }
 
 

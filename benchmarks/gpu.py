@@ -364,7 +364,9 @@ def one_video(model, clock: Clock, frames: int, size: int, steps: int) -> dict:
     from idanimator.pipeline import FaceFeatureCache
     from idanimator.request import GenerationRequest
 
-    settings = GenerationRequest(prompt=PROMPT, num_frames=frames, steps=steps, height=size, width=size, seed=0)
+    settings = GenerationRequest(
+        prompt=PROMPT, num_frames=frames, num_inference_steps=steps, height=size, width=size, seed=0
+    )
     model.face_cache = FaceFeatureCache()  # the image encoder runs, as for a new face
     marks: list[float] = []
     start = clock.now()

@@ -54,7 +54,7 @@ def option_costs(photo: Path, folder: Path, request: dict, repeats: int) -> dict
     long_frames = 48 if request["num_frames"] > 2 else 34
     cases = {
         "plain": {},
-        "fast": {"steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE, "fast": True},
+        "fast": {"num_inference_steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE, "fast": True},
         "free_init": {"free_init": True},
         "lora": {"loras": (LoraSpec(str(lora), 0.8),)},
         "sparse_sketch": {"control": ControlSpec("sparse-sketch", (KeyFrame(str(photo), 0),))},
@@ -80,7 +80,11 @@ def option_costs(photo: Path, folder: Path, request: dict, repeats: int) -> dict
         "canny_cost": s["canny"] / s["plain"],
         "long_video_per_frame": (s["long"] / long_frames) / (s["plain"] / request["num_frames"]),
         "seconds": s,
-        "request": {**request, "fast": {"steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE}, "long": long_frames},
+        "request": {
+            **request,
+            "fast": {"num_inference_steps": FAST_STEPS, "guidance_scale": FAST_GUIDANCE},
+            "long": long_frames,
+        },
     }
 
 
@@ -108,7 +112,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    request = {"num_frames": 16, "steps": 25, "height": 64, "width": 64}
+    request = {"num_frames": 16, "num_inference_steps": 25, "height": 64, "width": 64}
     with tempfile.TemporaryDirectory(prefix="idanimator-options-") as tmp:
         costs = option_costs(face_photo(Path(tmp)), Path(tmp), request, 1 if args.quick else 3)
     print(json.dumps(costs, indent=2) if args.json else table(costs), file=sys.stdout)

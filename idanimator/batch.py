@@ -153,10 +153,33 @@ def run_batch(
     out = ensure_folder(Path(out).expanduser())
     for job in progress(jobs, desc="generating", unit="video"):
         with out_of_memory_guard():
-            result = pipe(crops[job.face], request=request.replace(prompt=job.prompt, seed=job.seed))
+            result = pipe(crops[job.face], request=request.replace(prompt=job.prompt, seed=job.seed), output_type="np")
         for warning in result.warnings:
             say(f"warning: {job.name}: {warning}")
         with atomic_path(out / f"{job.name}.txt") as temp:
             temp.write_text(job.prompt + "\n", encoding="utf-8")
-        write_mp4(result.frames, out / f"{job.name}.mp4", fps=request.fps, settings=result.request.settings())
+        write_mp4(result.frames[0], out / f"{job.name}.mp4", fps=request.fps, settings=result.request.settings())
     return len(jobs)
+
+
+def process_state():
+    """accelerate's ``PartialState`` when this run is one of several processes (``torchrun`` or ``accelerate
+    launch`` set WORLD_SIZE above 1: e.g. one per GPU of a node), else None. Without a GPU the processes talk
+    over gloo on the CPU."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def share_of(state, todo: list[BatchJob]) -> list[BatchJob]:
+    """This process's part of ``todo`` (accelerate's ``split_between_processes``: every process gets the same
+    list in the same order, so each video is made by exactly one of them); all of it with one process."""
+    if state is None:
+        return list(todo)
+    with state.split_between_processes(list(todo)) as mine:
+        return list(mine)

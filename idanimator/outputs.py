@@ -1,7 +1,8 @@
 """The app's output folder: generated files under random names, pruned by age and count so it stays bounded.
 
 The app writes into a folder of its own, ``idanimator-outputs`` inside the folder the operator names (or, by
-default, the user's own cache folder: :func:`default_output_parent`), and serves that folder: anyone who knows a file's random name can download it.
+default, the user's own cache folder: :func:`default_output_parent`), and serves that folder: anyone who knows
+a file's random name can download it.
 Pruning removes only entries named as this module names them, so nothing an operator keeps there is touched.
 """
 

@@ -32,11 +32,17 @@ from .request import GenerationRequest
 from .settings import draw_seed
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, latents)
+DECODE_CHUNK = 8  # frames through the VAE at a time (diffusers' decode_chunk_size)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray | None  # [frames, height, width, 3] float32 in [0, 1]
+    """What a call gives back. ``frames`` follows diffusers' AnimateDiffPipelineOutput: a batch of videos, so
+    ``frames[0]`` is the video (PIL images, a [frames, height, width, 3] array in [0, 1], a [frames, 3, height,
+    width] tensor, or the latents, by ``output_type``); the rest is what this project adds."""
+
+    frames: object | None
     seed: int
     request: GenerationRequest  # validated, with the seed that was drawn
     faces: list = field(default_factory=list)  # the FaceCrop of each photo (what the model saw)
@@ -93,6 +99,12 @@ class IDAnimatorPipeline:
         self.face_cache = face_cache if face_cache is not None else FaceFeatureCache()
         self.control_models = control_models if control_models is not None else ControlModels()
         self.fast_weights = fast_weights if fast_weights is not None else AnimateLCMWeights()
+        self.default_id_scale: float | None = None  # set_ip_adapter_scale's, for calls that give none
+        # The release's negative prompt is longer than CLIP's 77 tokens, and the tokenizer is told to cut it: its
+        # "sequence length is longer" notice (printed by diffusers' own untruncated check) is not for our users.
+        tokenizer = getattr(pipe, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "deprecation_warnings"):
+            tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
 
     @classmethod
     def from_pretrained(
@@ -104,20 +116,22 @@ class IDAnimatorPipeline:
         image_encoder: str | Path | None = None,
         base: str | Path | None = None,
         device: str | None = None,
-        dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
         offload: str = "none",
         tiny: bool = False,
         detector=None,
         fast_weights: str | Path | None = None,
         control_models: dict[str, str | Path] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> IDAnimatorPipeline:
         """Load every part (registry names, Hub ids or local paths; the release's by default).
 
         ``backbone``: a registry name (default: the release's Realistic Vision V6.0 B1), Hub id or local
         folder/file. ``tiny=True`` takes every part not given from the tiny random kit (built on first use).
         ``fast_weights``: a local AnimateLCM folder; ``control_models``: control kind -> its model's folder or Hub
-        id (others: the registry's, or tiny mode's).
+        id (others: the registry's, or tiny mode's). ``torch_dtype`` as in diffusers (``dtype`` is the same).
         """
+        dtype = torch_dtype if torch_dtype is not None else dtype
         from .models import build_animatediff, load_shared_parts
         from .tiny import load_options
 
@@ -133,6 +147,34 @@ class IDAnimatorPipeline:
             control_models=control,
             fast_weights=AnimateLCMWeights(fast_weights if fast_weights is not None else options.fast_weights),
         )
+
+    # -- as a diffusers pipeline: placement and memory, delegated to the wrapped AnimateDiffPipeline ------------
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> IDAnimatorPipeline:
+        self.pipe.to(device=device, dtype=dtype)
+        self.dtype = dtype or self.dtype
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        self.pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=device or "cuda")
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        self.pipe.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device or "cuda")
+
+    def enable_vae_slicing(self) -> None:
+        """The VAE decodes one image at a time (diffusers 0.42 keeps this on the VAE, not the pipeline)."""
+        self.pipe.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.pipe.vae.disable_slicing()
+
+    def set_ip_adapter_scale(self, scale: float) -> None:
+        """The ID scale of the calls that give no ``id_scale`` (diffusers' name for the face attention's weight)."""
+        self.default_id_scale = scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -169,23 +211,41 @@ class IDAnimatorPipeline:
 
     def __call__(
         self,
-        faces: Sequence | object,
+        face_images: Sequence | object | None = None,
         prompt: str | None = None,
         *,
+        ip_adapter_image: Sequence | object | None = None,
         request: GenerationRequest | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        decode_chunk_size: int = DECODE_CHUNK,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         **settings,
-    ) -> GenerationResult:
-        """Make one video.
+    ) -> GenerationResult | tuple:
+        """Make one video, with diffusers' names where diffusers has one.
 
-        ``faces``: one or more photos (paths, PIL images, arrays) or prepared FaceCrops; several photos of
-        one person are mixed. The rest is a :class:`~idanimator.request.GenerationRequest`, given whole as
-        ``request`` or by its fields (``prompt``, ``num_frames=``, ``seed=``, ``fast=``, ...; a seed of None
-        draws one, reported in the result). ``callback(step, total, latents)`` runs after every step;
-        ``should_stop()`` is asked before every step and ends the run with GenerationCancelled.
+        ``face_images`` (or diffusers' ``ip_adapter_image``): one or more photos (paths, PIL images, arrays) or
+        prepared FaceCrops; several photos of one person are mixed. The rest is a
+        :class:`~idanimator.request.GenerationRequest`, given whole as ``request`` or by its fields
+        (``prompt``, ``negative_prompt``, ``num_frames``, ``num_inference_steps``, ``guidance_scale``,
+        ``height``, ``width``, ``id_scale``, ``seed``, ``fast``, ...). ``generator``: a torch.Generator (or a
+        list of one) instead of ``seed``; either way the seed used is reported. ``callback_on_step_end(pipe,
+        step, timestep, callback_kwargs)`` as in diffusers; ``callback(step, total, latents)`` is this project's
+        simpler one; ``should_stop()`` is asked before every step and ends the run with GenerationCancelled.
+        ``output_type``: "pil" (default), "np", "pt" or "latent"; ``return_dict=False`` gives ``(frames,)``.
         """
+        faces = face_images if face_images is not None else ip_adapter_image
+        if faces is None:
+            raise InvalidRequestError("Give the face photo(s) as face_images (or ip_adapter_image).")
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidRequestError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {output_type!r}).")
         if request is None:
+            if "id_scale" not in settings and self.default_id_scale is not None:
+                settings["id_scale"] = self.default_id_scale
             try:
                 request = GenerationRequest(prompt=prompt, **settings)
             except TypeError as exc:  # an argument that is no setting
@@ -195,16 +255,39 @@ class IDAnimatorPipeline:
         faces = list(faces) if isinstance(faces, (list, tuple)) else [faces]
         request = request.validate()
         crops = self.prepare_faces(faces)
-        result = self.denoise(crops, request, callback=callback, should_stop=should_stop)
-        result.frames, result.latents = self.decode(result.latents), None
-        return result
+        result = self.denoise(
+            crops,
+            request,
+            generator=generator,
+            callback=callback,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            should_stop=should_stop,
+        )
+        if output_type != "latent":
+            result.frames, result.latents = self._video(result.latents, output_type, decode_chunk_size), None
+        else:
+            result.frames = result.latents
+        return result if return_dict else (result.frames,)
+
+    @torch.no_grad()
+    def _video(self, latents: torch.Tensor, output_type: str, decode_chunk_size: int):
+        """A batch of one video in diffusers' layout for ``output_type`` (pil, np, pt)."""
+        try:
+            video = self.pipe.decode_latents(latents, decode_chunk_size=decode_chunk_size)
+            return self.pipe.video_processor.postprocess_video(video=video, output_type=output_type)
+        finally:
+            self.pipe.maybe_free_model_hooks()
 
     def denoise(
         self,
         crops: Sequence,
         request: GenerationRequest,
         *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         callback: StepCallback | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """The denoising loop only, from aligned crops and a request (validated here if it was not yet); the
@@ -214,8 +297,12 @@ class IDAnimatorPipeline:
             raise GenerationCancelled("Generation was stopped.")
         warnings = [w for crop in crops for w in getattr(crop, "warnings", [])]
         prompt, negative = self._final_prompts(request, warnings)
-        seed = draw_seed() if request.seed is None else request.seed
         device = self.pipe._execution_device
+        if generator is not None:  # the caller's random numbers; its seed is reported
+            seed = (generator[0] if isinstance(generator, (list, tuple)) else generator).initial_seed()
+        else:
+            seed = draw_seed() if request.seed is None else request.seed
+            generator = torch.Generator(device=device).manual_seed(seed)
         embeds = self.encode_faces(crops)
         if request.guidance_scale <= 1.0:
             embeds = embeds[1:]  # no classifier-free guidance: the conditional half only
@@ -224,8 +311,10 @@ class IDAnimatorPipeline:
         def on_step_end(pipe, step, timestep, tensors):
             if should_stop is not None and should_stop():
                 raise GenerationCancelled("Generation was stopped.")
+            if callback_on_step_end is not None:
+                tensors = {**tensors, **(callback_on_step_end(pipe, step, timestep, tensors) or {})}
             if callback is not None:
-                callback(step, request.steps, tensors["latents"])
+                callback(step, request.num_inference_steps, tensors["latents"])
             return tensors
 
         arguments = dict(
@@ -234,12 +323,13 @@ class IDAnimatorPipeline:
             num_frames=request.num_frames,
             height=request.height,
             width=request.width,
-            num_inference_steps=request.steps,
+            num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
-            generator=torch.Generator(device=device).manual_seed(seed),
+            generator=generator,
             ip_adapter_image_embeds=[embeds.to(device=device, dtype=self.dtype)],
             output_type="latent",
             callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=sorted({"latents", *callback_on_step_end_tensor_inputs}),
         )
         try:
             # The options beyond the release, put on in this order for this call and taken off after, error or
@@ -262,13 +352,9 @@ class IDAnimatorPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Frames ``start:stop`` of denoised latents as [frames, height, width, 3] float32 in [0, 1]."""
-        try:
-            video = self.pipe.decode_latents(latents[:, :, start:stop], decode_chunk_size=8)
-            frames = self.pipe.video_processor.postprocess_video(video=video, output_type="np")
-        finally:
-            self.pipe.maybe_free_model_hooks()
-        return np.asarray(frames[0], dtype=np.float32)
+        """Frames ``start:stop`` of denoised latents as [frames, height, width, 3] float32 in [0, 1] (one video,
+        not a batch: what the writers take; stream a long video a few frames at a time)."""
+        return np.asarray(self._video(latents[:, :, start:stop], "np", DECODE_CHUNK)[0], dtype=np.float32)
 
     def _final_prompts(self, request: GenerationRequest, warnings: list[str]) -> tuple[str, str]:
         prompt = request.prompt + (PROMPT_SUFFIX if request.add_prompt_suffix else "")

@@ -94,7 +94,7 @@ class GenerationRequest:
     negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT
     add_prompt_suffix: bool = True  # the release's quality words after the prompts
     num_frames: int = FRAMES.default
-    steps: int = STEPS.default
+    num_inference_steps: int = STEPS.default
     guidance_scale: float = GUIDANCE.default
     id_scale: float = ID_SCALE.default
     seed: int | None = None  # None (or -1, ""): draw one and report it
@@ -125,7 +125,7 @@ class GenerationRequest:
             negative_prompt=clean_text(check_text("The negative prompt", self.negative_prompt)),
             add_prompt_suffix=bool(self.add_prompt_suffix),
             num_frames=num_frames,
-            steps=STEPS.check(self.steps),
+            num_inference_steps=STEPS.check(self.num_inference_steps),
             guidance_scale=GUIDANCE.check(self.guidance_scale),
             id_scale=ID_SCALE.check(self.id_scale),
             seed=parse_seed(self.seed),

@@ -116,7 +116,7 @@ class ServingLimits:
 
 
 # Sizes a CPU renders in seconds with the tiny random kit (tiny mode's starting values).
-TINY_DEFAULTS = {"num_frames": 8, "steps": 4, "height": 64, "width": 64}
+TINY_DEFAULTS = {"num_frames": 8, "num_inference_steps": 4, "height": 64, "width": 64}
 
 
 def parse_seed(value) -> int | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
 from .estimate import SpeedModel
 from .extras.freeinit import passes as freeinit_passes
 from .extras.longvideo import work_units
-from .outputs import OutputFolder, own_folder
+from .outputs import OutputFolder, default_output_parent, own_folder
 from .preview import preview_strip, tile_images
 from .request import GenerationRequest
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
@@ -162,7 +161,7 @@ class Studio:
         common = dict(device=device, offload=offload, allow_hub_ids=options.allow_custom_backbones)
         load = load_options(tiny=self.tiny, **common)
         self.service = ModelService(load, detector=detector)
-        root = own_folder(options.output_dir or Path(tempfile.gettempdir()))
+        root = own_folder(options.output_dir or default_output_parent())  # the user's own cache, not /tmp
         self.outputs = OutputFolder(Path(root), options.max_outputs, options.max_output_age_s)
         self._run_lock = threading.Lock()
         self.ready = threading.Event()  # set when warm_up() has finished (successfully or not)
@@ -240,7 +239,7 @@ class Studio:
         request = self._offered(request.validate())
         if self.options.serving_limits is not None:
             work = work_units(request) / work_units(GenerationRequest(prompt="the release's default request"))
-            self.options.serving_limits.check(request.num_frames, request.steps, work)
+            self.options.serving_limits.check(request.num_frames, request.num_inference_steps, work)
         crops, notes = self.prepare_faces(faces)
         if self.options.load_in_prepare:
             with self._run_lock, self.service.guard():
@@ -272,7 +271,7 @@ class Studio:
             request = request.validate()
         except IDAnimatorError:
             return None
-        return self.speed.estimate(request.steps * freeinit_passes(request), work_units(request))
+        return self.speed.estimate(request.num_inference_steps * freeinit_passes(request), work_units(request))
 
     def preview_control(self, request: GenerationRequest) -> list:
         """The conditioning frames a request's control would feed the model (edges, pose, keyframes),
@@ -305,11 +304,11 @@ class Studio:
                 with self.service.guard():
                     pipe = self.service.pipeline(request.backbone)
                     started, first_step = time.monotonic(), []
-                    every = preview_every or max(1, request.steps // 6)
+                    every = preview_every or max(1, request.num_inference_steps // 6)
                     result = yield from self._denoise(pipe, job, stop, every, first_step)
                     self.speed.record(
                         before_s=first_step[0] - started if first_step else 0.0,
-                        steps=request.steps * freeinit_passes(request),
+                        steps=request.num_inference_steps * freeinit_passes(request),
                         work=job.work_units(),
                         loop_s=time.monotonic() - (first_step[0] if first_step else started),
                     )
@@ -347,7 +346,8 @@ class Studio:
         enough for it to matter), then write it."""
         starts = range(0, job.request.num_frames, SEGMENT_FRAMES)
         segments = None
-        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.request.fps) as whole:  # chunk by chunk: flat memory
+        settings = result.request.settings()  # into the MP4's metadata: the recipe travels with the video
+        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.request.fps, settings=settings) as whole:
             for index, start in enumerate(starts):
                 if stop.is_set():
                     raise GenerationCancelled("Generation was stopped.")

@@ -97,7 +97,7 @@ def generate_over_http(client, face, *, submit: bool = False, **values):
         "seed": 3,
         "randomize_seed": False,
         "num_frames": 8,
-        "steps": 2,
+        "num_inference_steps": 2,
         "resolution": "64x64 (tiny)",
         **values,
     }

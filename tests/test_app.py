@@ -83,7 +83,7 @@ def test_real_mode_offers_the_registry_and_the_release_defaults(monkeypatch, tmp
     assert "Downloading" in text and "CPU" in text
     assert ("Realistic Vision V6.0 B1 (release default)", "realistic-vision-v6") in page.backbone_choices(engine)
     values = page.starting_values(engine)
-    assert (values["num_frames"], values["steps"], values["resolution"]) == (16, 30, "512x512")
+    assert (values["num_frames"], values["num_inference_steps"], values["resolution"]) == (16, 30, "512x512")
 
 
 def test_the_pages_sliders_are_the_settings_limits(tiny_studio):
@@ -103,7 +103,7 @@ def test_the_pages_sliders_are_the_settings_limits(tiny_studio):
     assert (sliders["seed"].minimum, sliders["seed"].maximum) == (0, limits.MAX_SEED)
 
 
-def test_the_page_layout_examples_above_generate_negative_prompt_in_advanced(tiny_studio):
+def test_the_page_layout_generate_under_the_prompt_options_in_tabs(tiny_studio):
     import gradio as gr
 
     import app as page
@@ -113,13 +113,18 @@ def test_the_page_layout_examples_above_generate_negative_prompt_in_advanced(tin
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     negative = by_id["negative-prompt"]
     assert negative.value == DEFAULT_NEGATIVE_PROMPT
-    assert by_id["advanced"] in ancestors(negative) and not by_id["advanced"].open
+    assert by_id["advanced"] in ancestors(negative) and isinstance(by_id["advanced"], gr.Tab)
     examples = by_id["examples"]  # the examples' table: a thumbnail of the photo, and the prompt
     assert [c["name"] for c in examples.get_config()["components"]] == ["image", "textbox"]
-    # In the inputs' column, just above the Generate button's row.
-    column = next(b for b in ancestors(by_id["generate"]) if isinstance(b, gr.Column))
-    order = [b for b in column.children if b in {examples, *ancestors(by_id["generate"])}]
-    assert order == [examples, by_id["generate"].parent]
+    assert by_id["examples-tab"] in ancestors(examples)
+    # In the inputs' column, Generate's row comes right after the prompt; the results are the other column.
+    column = by_id["inputs"]
+
+    def place(block) -> int:  # where, among the column's children, the block sits
+        return next(i for i, child in enumerate(column.children) if child in {block, *ancestors(block)})
+
+    assert place(by_id["generate"]) == place(by_id["prompt"]) + 1
+    assert by_id["results"] in ancestors(by_id["result"]) and by_id["results"] not in ancestors(by_id["prompt"])
 
 
 def ancestors(block) -> list:
@@ -214,7 +219,7 @@ def test_stop_ends_a_running_generation_and_the_server_answers_the_next_request(
     client, proc = app
     # 32 frames x 100 steps: about a minute of work left to do if Stop did not end it.
     job = generate_over_http(
-        client, astronaut_path, seed=5, num_frames=32, steps=100, resolution="64x96 (tiny)", submit=True
+        client, astronaut_path, seed=5, num_frames=32, num_inference_steps=100, resolution="64x96 (tiny)", submit=True
     )
     deadline = time.monotonic() + 60
     while not job.status().progress_data and not job.done() and time.monotonic() < deadline:  # denoising
@@ -237,7 +242,7 @@ def test_generate_is_called_by_parameter_name_over_the_api(app):
     endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
     names = [parameter["parameter_name"] for parameter in endpoint["parameters"]]
     assert names[:4] == ["faces", "prompt", "negative_prompt", "add_prompt_suffix"]
-    assert {"num_frames", "steps", "seed", "randomize_seed", "resolution", "control_video"} <= set(names)
+    assert {"num_frames", "num_inference_steps", "seed", "randomize_seed", "resolution", "control_video"} <= set(names)
     assert "history" not in names
 
 
@@ -277,7 +282,7 @@ def test_a_history_row_brings_every_setting_back_into_the_form(tiny_studio):
         prompt="a man surfing",
         seed=9,
         num_frames=12,
-        steps=5,
+        num_inference_steps=5,
         height=96,
         width=64,
         fast=True,
@@ -293,3 +298,22 @@ def test_a_history_row_brings_every_setting_back_into_the_form(tiny_studio):
     assert restored["randomize_seed"]["value"] is False and restored["resolution"]["value"] == "64x96 (tiny)"
     assert restored["fast"]["value"] is True and restored["free_init"]["value"] is True
     assert restored["loras"]["value"] == ["tiny-style"] and restored["control"]["value"] == "canny"
+
+
+def test_an_mp4_made_here_dropped_on_the_page_fills_the_form(tiny_studio, tmp_path):
+    import numpy as np
+
+    import app as page
+    from idanimator.request import GenerationRequest
+    from idanimator.video import write_mp4
+
+    page.build_demo(tiny_studio)
+    made = GenerationRequest(prompt="a chef cooking", seed=21, num_frames=8, height=64, width=64, free_init=True)
+    frames = np.zeros((8, 64, 64, 3), dtype=np.float32)
+    video = write_mp4(frames, tmp_path / "made.mp4", fps=8, settings=made.settings())
+    restored = dict(zip(page.RESTORED, page.settings_from_video(str(video)), strict=True))
+    assert restored["prompt"]["value"] == "a chef cooking" and restored["seed"]["value"] == 21
+    assert restored["free_init"]["value"] is True and restored["resolution"]["value"] == "64x64 (tiny)"
+    plain = write_mp4(frames, tmp_path / "plain.mp4", fps=8)
+    with pytest.raises(page.gr.Error, match="carries no generation settings"):
+        page.settings_from_video(str(plain))

@@ -302,13 +302,18 @@ def test_settings_from_a_video_remakes_it_and_typed_flags_win(capsys, tmp_path, 
         "--no-prompt-suffix",
     )  # fmt: skip
     made = read_settings(first)
-    assert made["prompt"] == "a person waving" and made["steps"] == 2 and made["fps"] == 5 and made["seed"] >= 0
+    assert (
+        made["prompt"] == "a person waving"
+        and made["num_inference_steps"] == 2
+        and made["fps"] == 5
+        and made["seed"] >= 0
+    )
     assert "denoising: step 2/2" in err and "\x1b[" not in err and "\r" not in err  # stderr is not a terminal
 
     # --fps 9 is the default value, but typed: it wins over the video's 5, as --steps does
     again, _ = _tiny_mp4(capsys, tmp_path, astronaut_path, "again.mp4", "--settings-from", str(first), "--steps", "3")
     typed, _ = _tiny_mp4(capsys, tmp_path, astronaut_path, "typed.mp4", "--settings-from", str(first), "--fps", "9")
-    assert read_settings(again) == made | {"steps": 3}
+    assert read_settings(again) == made | {"num_inference_steps": 3}
     assert read_settings(typed) == made | {"fps": 9}
     assert read_video(again).shape == (4, 64, 64, 3)
 
@@ -403,7 +408,7 @@ def test_a_batch_in_a_log_prints_plain_lines_and_each_mp4_carries_its_settings(t
     assert "generating: 1/2 videos" in proc.stderr and "generating: 2/2 videos" in proc.stderr
     for seed in (1, 2):
         saved = read_settings(tmp_path / "v" / f"astronaut--p00--s{seed}.mp4")
-        assert saved["seed"] == seed and saved["prompt"] == "a person waving" and saved["steps"] == 2
+        assert saved["seed"] == seed and saved["prompt"] == "a person waving" and saved["num_inference_steps"] == 2
 
 
 def test_the_apps_default_output_folder_is_the_users_own(tmp_path):

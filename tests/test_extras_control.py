@@ -24,7 +24,7 @@ from idanimator.tiny.kit import TINY_NUM_TOKENS
 from idanimator.video import write_mp4
 
 # One step without classifier-free guidance: a quarter of the work, and the face still enters (its conditional half).
-FAST = {**TINY_SETTINGS, "steps": 1, "seed": 7, "guidance_scale": 1.0}
+FAST = {**TINY_SETTINGS, "num_inference_steps": 1, "seed": 7, "guidance_scale": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def driving_video(tmp_path_factory, astronaut):
 
 
 def generate(pipe, crops, control_spec=None, **overrides):
-    return pipe(crops, "a man walking", **{**FAST, **overrides}, control=control_spec).frames
+    return pipe(crops, "a man walking", **{**FAST, **overrides}, control=control_spec, output_type="np").frames[0]
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from idanimator.errors import CheckpointError, GenerationCancelled, InvalidReque
 from idanimator.extras import fast
 from idanimator.pipeline import IDAnimatorPipeline
 
-SETTINGS = dict(num_frames=4, steps=2, height=64, width=64, seed=7)
+SETTINGS = dict(num_frames=4, num_inference_steps=2, height=64, width=64, seed=7)
 FAST = {"fast": True}
 
 
@@ -46,7 +46,7 @@ def crops(tiny_pipe, astronaut_path, second_face):
 
 
 def generate(pipe, crops, **overrides) -> np.ndarray:
-    return pipe(crops[:1], "a man walking on the moon", **{**SETTINGS, **overrides}).frames
+    return pipe(crops[:1], "a man walking on the moon", **{**SETTINGS, **overrides}, output_type="np").frames[0]
 
 
 def base_tensors(unet) -> dict[str, torch.Tensor]:
@@ -95,7 +95,7 @@ def test_fast_mode_runs_lcm_with_animatelcm_motion_and_lora_and_changes_the_vide
 
     plain = generate(pipe, crops)
     quick = generate(pipe, crops, **FAST, callback=inside)
-    assert seen == [("LCMScheduler", weights.lora_layers, True, True)] * SETTINGS["steps"]
+    assert seen == [("LCMScheduler", weights.lora_layers, True, True)] * SETTINGS["num_inference_steps"]
     assert weights.lora_layers == 72  # every attention layer of the kit's 6 transformer blocks, attn2's included
     assert np.abs(plain - quick).max() > 1e-2
     assert np.array_equal(quick, generate(pipe, crops, **FAST))  # reproducible
@@ -259,7 +259,7 @@ def test_a_motion_module_that_does_not_fit_is_refused_and_changes_nothing(pipe, 
 
 def test_more_steps_than_lcm_can_take_are_refused(pipe, crops):
     with pytest.raises(InvalidRequestError, match="at most 50 steps"):
-        generate(pipe, crops, steps=51, **FAST)
+        generate(pipe, crops, num_inference_steps=51, **FAST)
 
 
 def test_the_tiny_animatelcm_has_the_real_layouts(fast_kit, tiny_kit):

@@ -23,7 +23,7 @@ def crops(tiny_pipe, astronaut_path, second_face):
 @pytest.fixture(scope="module")
 def settings():
     return GenerationRequest(
-        prompt="a man walking on the moon", num_frames=8, steps=2, height=64, width=64, seed=7
+        prompt="a man walking on the moon", num_frames=8, num_inference_steps=2, height=64, width=64, seed=7
     ).validate()
 
 
@@ -225,9 +225,9 @@ def test_free_init_reruns_the_loop_with_the_face_and_reports_steady_progress(tin
         crops[:1], settings.replace(free_init=True), callback=lambda s, t, _: seen.append((s, t))
     )
     assert differ(steadied.latents, plain) > 1e-3
-    assert len(seen) == settings.steps * freeinit.ITERATIONS
+    assert len(seen) == settings.num_inference_steps * freeinit.ITERATIONS
     assert [s for s, _ in seen] == sorted(s for s, _ in seen) and seen[0][0] == 0
-    assert {t for _, t in seen} == {settings.steps} and seen[-1][0] == settings.steps - 1
+    assert {t for _, t in seen} == {settings.num_inference_steps} and seen[-1][0] == settings.num_inference_steps - 1
     other_face = tiny_pipe.denoise(crops[1:], settings.replace(free_init=True)).latents
     assert differ(other_face, steadied.latents) > 1e-3
     assert torch.equal(run(tiny_pipe, crops, settings), plain)
@@ -247,7 +247,9 @@ def test_free_init_can_be_stopped(tiny_pipe, crops, settings):
 
 @pytest.fixture(scope="module")
 def long_settings(settings):
-    return settings.replace(num_frames=40, steps=1)  # over the motion module's 32 (validate() allows 32 today)
+    return settings.replace(
+        num_frames=40, num_inference_steps=1
+    )  # over the motion module's 32 (validate() allows 32 today)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +278,9 @@ def test_a_long_video_sees_the_face_in_every_frame(tiny_pipe, crops, long_settin
     latents, rows, layers = long_video
     assert latents.shape[2] == 40
     assert all(hidden == text == face for hidden, text, face in rows)  # split in chunks, the face rows with them
-    assert sum(hidden for hidden, _, _ in rows) == layers * long_settings.steps * 2 * 40  # all frames, with CFG
+    assert (
+        sum(hidden for hidden, _, _ in rows) == layers * long_settings.num_inference_steps * 2 * 40
+    )  # all frames, with CFG
     other = tiny_pipe.denoise(crops[1:], long_settings).latents
     assert differ(other[:, :, 32:], latents[:, :, 32:]) > 1e-3
 
@@ -314,7 +318,7 @@ def test_a_long_video_decodes_a_chunk_at_a_time(tiny_pipe, crops, settings):
 
 
 def test_the_time_estimate_counts_steps_guidance_passes_pixels_and_windows():
-    base = GenerationRequest(prompt="x", num_frames=16, steps=10, guidance_scale=8, height=512, width=512)
+    base = GenerationRequest(prompt="x", num_frames=16, num_inference_steps=10, guidance_scale=8, height=512, width=512)
     one = longvideo.estimate_seconds(base, 0.5)
     assert one == pytest.approx(0.5 * 10 * 2 * 16)
     assert longvideo.estimate_seconds(base.replace(guidance_scale=1), 0.5) == pytest.approx(one / 2)

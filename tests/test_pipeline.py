@@ -20,7 +20,7 @@ def crops(tiny_pipe, astronaut_path, second_face):
 
 
 def generate(pipe, faces, **overrides):
-    return pipe(faces, "a man walking on the moon", **{**TINY_SETTINGS, "seed": 7, **overrides})
+    return pipe(faces, "a man walking on the moon", **{**TINY_SETTINGS, "seed": 7, "output_type": "np", **overrides})
 
 
 def test_cli_generates_an_mp4_with_the_requested_frames_and_size(astronaut_path, tmp_path, tiny_kit):
@@ -67,29 +67,29 @@ def test_same_seed_same_video_other_seed_other_video(tiny_pipe, crops):
     a = generate(tiny_pipe, crops[:1])
     b = generate(tiny_pipe, crops[:1])
     c = generate(tiny_pipe, crops[:1], seed=8)
-    assert a.frames.shape == (8, 64, 64, 3)
-    assert np.array_equal(a.frames, b.frames)
-    assert np.abs(a.frames - c.frames).max() > 1e-3
+    assert a.frames[0].shape == (8, 64, 64, 3)
+    assert np.array_equal(a.frames[0], b.frames[0])
+    assert np.abs(a.frames[0] - c.frames[0]).max() > 1e-3
 
 
 def test_random_seed_is_reported_and_reproduces(tiny_pipe, crops):
     first = generate(tiny_pipe, crops[:1], seed=None)
     assert 0 <= first.seed < 2**32
     again = generate(tiny_pipe, crops[:1], seed=first.seed)
-    assert np.array_equal(first.frames, again.frames)
+    assert np.array_equal(first.frames[0], again.frames[0])
     assert generate(tiny_pipe, crops[:1], seed=-1).seed != first.seed
 
 
 def test_id_scale_zero_and_one_differ(tiny_pipe, crops):
     zero = generate(tiny_pipe, crops[:1], id_scale=0.0)
     one = generate(tiny_pipe, crops[:1], id_scale=1.0)
-    assert np.abs(zero.frames - one.frames).max() > 1e-3
+    assert np.abs(zero.frames[0] - one.frames[0]).max() > 1e-3
 
 
 def test_the_face_decides_the_video(tiny_pipe, crops):
     a = generate(tiny_pipe, crops[:1], id_scale=1.0)
     b = generate(tiny_pipe, crops[1:], id_scale=1.0)
-    assert np.abs(a.frames - b.frames).max() > 1e-3
+    assert np.abs(a.frames[0] - b.frames[0]).max() > 1e-3
 
 
 def test_two_faces_average_their_tokens(tiny_pipe, crops):
@@ -102,13 +102,13 @@ def test_two_faces_average_their_tokens(tiny_pipe, crops):
     torch.testing.assert_close(both, (each[0] + each[1]) / 2)
     mixed = generate(tiny_pipe, crops, id_scale=1.0)
     single = generate(tiny_pipe, crops[:1], id_scale=1.0)
-    assert np.abs(mixed.frames - single.frames).max() > 1e-4
+    assert np.abs(mixed.frames[0] - single.frames[0]).max() > 1e-4
 
 
 def test_photos_are_detected_and_aligned_inside_the_call(tiny_pipe, astronaut_path, crops):
     from_path = generate(tiny_pipe, [astronaut_path])
     from_crop = generate(tiny_pipe, crops[:1])
-    assert np.array_equal(from_path.frames, from_crop.frames)
+    assert np.array_equal(from_path.frames[0], from_crop.frames[0])
     assert from_path.faces[0].image.size == (224, 224)
 
 
@@ -130,7 +130,10 @@ def test_face_features_are_cached_by_image(tiny_pipe, crops):
 def test_callback_sees_every_step_and_the_latents(tiny_pipe, crops):
     seen = []
     generate(
-        tiny_pipe, crops[:1], steps=3, callback=lambda step, total, latents: seen.append((step, total, latents.shape))
+        tiny_pipe,
+        crops[:1],
+        num_inference_steps=3,
+        callback=lambda step, total, latents: seen.append((step, total, latents.shape)),
     )
     assert [s[0] for s in seen] == [0, 1, 2]
     assert seen[0][1] == 3
@@ -147,12 +150,12 @@ def test_stop_request_stops_and_the_pipeline_still_works(tiny_pipe, crops):
         generate(
             tiny_pipe,
             crops[:1],
-            steps=5,
+            num_inference_steps=5,
             callback=lambda step, total, latents: steps.append(step),
             should_stop=should_stop,
         )
     assert steps == [0]
-    assert generate(tiny_pipe, crops[:1]).frames.shape[0] == 8
+    assert generate(tiny_pipe, crops[:1]).frames[0].shape[0] == 8
 
 
 def test_without_guidance_the_conditional_face_branch_alone_runs(tiny_pipe, crops):
@@ -160,8 +163,8 @@ def test_without_guidance_the_conditional_face_branch_alone_runs(tiny_pipe, crop
     # condition, two different faces would give the same video.
     a = generate(tiny_pipe, crops[:1], guidance_scale=1.0, id_scale=1.0)
     b = generate(tiny_pipe, crops[1:2], guidance_scale=1.0, id_scale=1.0)
-    assert a.frames.shape == (8, 64, 64, 3)
-    assert np.abs(a.frames - b.frames).max() > 1e-3
+    assert a.frames[0].shape == (8, 64, 64, 3)
+    assert np.abs(a.frames[0] - b.frames[0]).max() > 1e-3
 
 
 def test_long_prompt_is_cut_with_a_warning(tiny_pipe, crops):
@@ -190,7 +193,7 @@ def test_long_prompts_reach_the_tokenizer_whole(tiny_pipe):
 def test_prompt_suffix_is_on_by_default_and_can_be_switched_off(tiny_pipe, crops):
     with_suffix = generate(tiny_pipe, crops[:1])
     without = generate(tiny_pipe, crops[:1], add_prompt_suffix=False)
-    assert np.abs(with_suffix.frames - without.frames).max() > 1e-4
+    assert np.abs(with_suffix.frames[0] - without.frames[0]).max() > 1e-4
 
 
 @pytest.mark.parametrize(
@@ -198,7 +201,7 @@ def test_prompt_suffix_is_on_by_default_and_can_be_switched_off(tiny_pipe, crops
     [
         ({"num_frames": 0}, "Frames"),
         ({"num_frames": 129}, "Frames"),
-        ({"steps": -1}, "Steps"),
+        ({"num_inference_steps": -1}, "Steps"),
         ({"height": 65}, "multiple of 8"),
         ({"width": 4096}, "Width"),
         ({"guidance_scale": float("nan")}, "Guidance"),
@@ -226,7 +229,7 @@ def test_single_file_backbone_gives_the_same_video_as_its_folder(tiny_kit, tiny_
     from idanimator.pipeline import IDAnimatorPipeline
 
     single = IDAnimatorPipeline.from_pretrained(tiny_kit["single_file"], tiny=True, device="cpu", detector=detector)
-    assert np.array_equal(generate(single, crops[:1]).frames, generate(tiny_pipe, crops[:1]).frames)
+    assert np.array_equal(generate(single, crops[:1]).frames[0], generate(tiny_pipe, crops[:1]).frames[0])
 
 
 def test_converted_checkpoint_generates_the_identical_video(tiny_kit, tiny_pipe, crops, detector, tmp_path):
@@ -236,14 +239,14 @@ def test_converted_checkpoint_generates_the_identical_video(tiny_kit, tiny_pipe,
     out = tmp_path / "adapter.safetensors"
     assert main(["convert-checkpoint", str(tiny_kit["face_adapter"]), str(out)]) == 0
     converted = IDAnimatorPipeline.from_pretrained(tiny=True, face_adapter=out, device="cpu", detector=detector)
-    assert np.array_equal(generate(converted, crops[:1]).frames, generate(tiny_pipe, crops[:1]).frames)
+    assert np.array_equal(generate(converted, crops[:1]).frames[0], generate(tiny_pipe, crops[:1]).frames[0])
 
 
 def test_decoding_in_chunks_gives_the_same_frames(tiny_pipe, crops):
     from idanimator.request import GenerationRequest
 
     settings = GenerationRequest(prompt="a man", seed=5, **TINY_SETTINGS).validate()
-    whole = tiny_pipe(crops[:1], request=settings).frames
+    whole = tiny_pipe(crops[:1], request=settings, output_type="np").frames[0]
     latents = tiny_pipe.denoise(crops[:1], settings).latents
     parts = np.concatenate([tiny_pipe.decode(latents, i, i + 3) for i in range(0, 8, 3)])
     np.testing.assert_allclose(parts, whole, atol=1e-5)
@@ -252,10 +255,12 @@ def test_decoding_in_chunks_gives_the_same_frames(tiny_pipe, crops):
 def test_whole_numbers_sent_as_floats_become_integers():
     from idanimator.request import GenerationRequest
 
-    settings = GenerationRequest(prompt="a man", num_frames=10.0, steps=3.0, height=64.0, width=64, seed=7.0)
+    settings = GenerationRequest(
+        prompt="a man", num_frames=10.0, num_inference_steps=3.0, height=64.0, width=64, seed=7.0
+    )
     checked = settings.validate()
-    assert (checked.num_frames, checked.steps, checked.height, checked.seed) == (10, 3, 64, 7)
-    assert all(type(v) is int for v in (checked.num_frames, checked.steps, checked.height, checked.seed))
+    assert (checked.num_frames, checked.num_inference_steps, checked.height, checked.seed) == (10, 3, 64, 7)
+    assert all(type(v) is int for v in (checked.num_frames, checked.num_inference_steps, checked.height, checked.seed))
     with pytest.raises(InvalidRequestError, match="whole number"):
         GenerationRequest(prompt="a man", num_frames=10.5).validate()
 
@@ -265,9 +270,9 @@ def test_a_request_is_validated_once_and_given_whole_or_by_name(tiny_pipe, crops
 
     request = GenerationRequest(prompt="a man", seed=5, **TINY_SETTINGS).validate()
     assert request.validate() is request  # checked once: a validated request is not checked again
-    assert request.replace(steps=3).validate() is not request
-    by_name = tiny_pipe(crops[:1], "a man", seed=5, **TINY_SETTINGS).frames
-    assert np.array_equal(tiny_pipe(crops[:1], request=request).frames, by_name)
+    assert request.replace(num_inference_steps=3).validate() is not request
+    by_name = tiny_pipe(crops[:1], "a man", seed=5, **TINY_SETTINGS, output_type="np").frames[0]
+    assert np.array_equal(tiny_pipe(crops[:1], request=request, output_type="np").frames[0], by_name)
     with pytest.raises(InvalidRequestError, match="Unknown setting"):
         tiny_pipe(crops[:1], "a man", num_franes=8)
     with pytest.raises(InvalidRequestError, match="either as a request or by name"):

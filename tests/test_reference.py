@@ -206,7 +206,16 @@ def test_scheduler_is_the_releases_ddim(tiny_pipe):
 
 
 def test_defaults_reproduce_the_release_end_to_end(tiny_pipe, detector, astronaut_path, image_proj):
-    result = tiny_pipe(faces=[astronaut_path], prompt=PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, seed=SEED)
+    result = tiny_pipe(
+        face_images=[astronaut_path],
+        prompt=PROMPT,
+        num_frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+        seed=SEED,
+        output_type="np",
+    )
+    video = result.frames[0]
 
     crop = release_face_crop(astronaut_path, detector)
     ours = np.asarray(result.faces[0].image.convert("RGB"), dtype=np.int16)
@@ -226,8 +235,8 @@ def test_defaults_reproduce_the_release_end_to_end(tiny_pipe, detector, astronau
         seed=SEED,
     )
     assert result.seed == SEED
-    assert result.frames.dtype == np.float32 and result.frames.shape == (FRAMES, SIZE, SIZE, 3)
-    error = float(np.abs(result.frames - expected).max())
+    assert video.dtype == np.float32 and video.shape == (FRAMES, SIZE, SIZE, 3)
+    error = float(np.abs(video - expected).max())
     assert error < 1e-4, f"frames differ from the release's by up to {error:.2e}"
     assert float(expected.std()) > 0.01  # a real, non-constant video was compared
 
@@ -240,10 +249,11 @@ def test_negative_prompt_gets_the_releases_suffix(tiny_pipe, detector, astronaut
         PROMPT,
         negative_prompt=negative,
         num_frames=4,
-        steps=steps,
+        num_inference_steps=steps,
         height=SIZE,
         width=SIZE,
         seed=SEED,
+        output_type="np",
     )
     expected = release_video(
         tiny_pipe.pipe,
@@ -256,7 +266,7 @@ def test_negative_prompt_gets_the_releases_suffix(tiny_pipe, detector, astronaut
         steps=steps,
         seed=SEED,
     )
-    error = float(np.abs(result.frames - expected).max())
+    error = float(np.abs(result.frames[0] - expected).max())
     assert error < 1e-4, f"frames differ from the release's by up to {error:.2e}"
 
 
@@ -304,7 +314,7 @@ def test_cli_defaults_are_the_releases():
     request = request_from_args(args).validate()  # steps and guidance: the release's unless --fast
     assert request.negative_prompt == RELEASE_NEGATIVE_PROMPT
     assert request.num_frames == RELEASE_FRAMES
-    assert request.steps == RELEASE_STEPS
+    assert request.num_inference_steps == RELEASE_STEPS
     assert request.guidance_scale == RELEASE_GUIDANCE
     assert request.id_scale == RELEASE_ID_SCALE
     assert (request.height, request.width) == (RELEASE_HEIGHT, RELEASE_WIDTH)
@@ -320,7 +330,7 @@ def test_library_request_defaults_are_the_releases():
     defaults = GenerationRequest(prompt="p")
     assert defaults.negative_prompt == RELEASE_NEGATIVE_PROMPT
     assert defaults.num_frames == RELEASE_FRAMES
-    assert defaults.steps == RELEASE_STEPS
+    assert defaults.num_inference_steps == RELEASE_STEPS
     assert defaults.guidance_scale == RELEASE_GUIDANCE
     assert defaults.id_scale == RELEASE_ID_SCALE
     assert (defaults.height, defaults.width) == (RELEASE_HEIGHT, RELEASE_WIDTH)
@@ -341,7 +351,7 @@ def test_app_starting_values_are_the_releases(monkeypatch, tmp_path):
     assert not engine.tiny
     values = page.starting_values(engine)
     assert values["num_frames"] == RELEASE_FRAMES
-    assert values["steps"] == RELEASE_STEPS
+    assert values["num_inference_steps"] == RELEASE_STEPS
     assert values["guidance_scale"] == RELEASE_GUIDANCE
     assert values["id_scale"] == RELEASE_ID_SCALE
     assert values["fps"] == RELEASE_FPS

@@ -101,7 +101,9 @@ def test_texts_over_the_limit_are_one_sentence_before_they_are_read(field):
 def test_one_visitor_cannot_fill_the_queue_but_another_still_gets_in(served, astronaut_path):
     url, proc, _ = served
     client = Client(url, verbose=False)
-    jobs = [generate_over_http(client, astronaut_path, num_frames=16, steps=40, submit=True) for _ in range(2)]
+    jobs = [
+        generate_over_http(client, astronaut_path, num_frames=16, num_inference_steps=40, submit=True) for _ in range(2)
+    ]
     time.sleep(1.0)  # both are in the queue (or running)
     with pytest.raises(httpx.HTTPStatusError) as refused:  # the page shows the detail as its message
         generate_over_http(client, astronaut_path)
@@ -121,9 +123,9 @@ def test_the_operators_caps_are_sentences_for_api_callers(served, astronaut_path
     with pytest.raises(Exception, match="greater than maximum value 16"):  # the slider's range is the cap
         generate_over_http(client, astronaut_path, num_frames=17)
     with pytest.raises(Exception, match="greater than maximum value 40"):
-        generate_over_http(client, astronaut_path, steps=41)
+        generate_over_http(client, astronaut_path, num_inference_steps=41)
     with pytest.raises(Exception, match="times the work of a default video"):
-        generate_over_http(client, astronaut_path, num_frames=16, steps=40, resolution="64x96 (tiny)")
+        generate_over_http(client, astronaut_path, num_frames=16, num_inference_steps=40, resolution="64x96 (tiny)")
     assert proc.poll() is None
 
 

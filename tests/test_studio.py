@@ -40,7 +40,7 @@ def request(face, **overrides) -> tuple[list, GenerationRequest]:
         backbone="tiny",
         seed=11,
         num_frames=8,
-        steps=3,
+        num_inference_steps=3,
         fps=8,
         height=64,
         width=64,
@@ -183,7 +183,7 @@ def test_stop_ends_the_run_at_the_next_step_and_the_next_request_works(studio, a
     stop = threading.Event()
     seen = []
     with pytest.raises(GenerationCancelled):
-        for event in studio.run(*request(astronaut_path, steps=20), stop=stop, preview_every=100):
+        for event in studio.run(*request(astronaut_path, num_inference_steps=20), stop=stop, preview_every=100):
             seen.append(event)
             stop.set()
     assert len([e for e in seen if isinstance(e, Progress)]) < 20
@@ -241,9 +241,9 @@ def test_uploaded_photos_are_previewed_with_a_sentence_for_each_bad_one(studio, 
 
 
 def test_values_from_widgets_or_the_api_are_coerced_or_refused(studio, astronaut_path):
-    job = studio.prepare(*request(astronaut_path, num_frames=10.0, steps="2", seed=7.0, fps=8.0))
-    assert (job.request.num_frames, job.request.steps, job.request.seed, job.request.fps) == (10, 2, 7, 8)
-    for overrides in ({"num_frames": 8.5}, {"steps": "many"}, {"seed": -5}, {"fps": None}):
+    job = studio.prepare(*request(astronaut_path, num_frames=10.0, num_inference_steps="2", seed=7.0, fps=8.0))
+    assert (job.request.num_frames, job.request.num_inference_steps, job.request.seed, job.request.fps) == (10, 2, 7, 8)
+    for overrides in ({"num_frames": 8.5}, {"num_inference_steps": "many"}, {"seed": -5}, {"fps": None}):
         with pytest.raises(InvalidRequestError):
             studio.prepare(*request(astronaut_path, **overrides))
 
@@ -256,7 +256,9 @@ def test_a_prepared_job_crosses_a_process_boundary_and_sizes_its_gpu_time(studio
     events = pickle.loads(pickle.dumps(list(studio.execute(job))))  # what a ZeroGPU worker sends back
     assert read_video(events[-1].video).shape == (8, 64, 64, 3)
     assert 30 <= job.gpu_seconds() < 60
-    big = Job(request=GenerationRequest(prompt="x", num_frames=32, steps=100, height=768, width=512), crops=[])
+    big = Job(
+        request=GenerationRequest(prompt="x", num_frames=32, num_inference_steps=100, height=768, width=512), crops=[]
+    )
     assert big.gpu_seconds() == 300
 
 

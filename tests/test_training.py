@@ -348,8 +348,8 @@ def test_the_trained_checkpoint_loads_in_the_pipeline_and_changes_the_video(trai
     )
     settings = {**TINY_SETTINGS, "seed": 5, "id_scale": 1.0}
     crop = tiny_pipe.prepare_faces([astronaut])
-    trained_video = pipe(crop, "a person", **settings).frames
-    initial_video = tiny_pipe(crop, "a person", **settings).frames
+    trained_video = pipe(crop, "a person", **settings, output_type="np").frames[0]
+    initial_video = tiny_pipe(crop, "a person", **settings, output_type="np").frames[0]
     assert np.isfinite(trained_video).all()
     assert np.abs(trained_video - initial_video).max() > 1e-4
 

@@ -7,7 +7,14 @@
 Identities come from identities.txt (licence-clean photos in this repository) unless --faces names a folder
 (e.g. ConsisID's eval faces); prompts from prompts.txt; seeds 1, 2, 3. Videos go to OUT/videos in the
 layout `eval` reads, the report to OUT/report. Arguments this script does not know are passed to
-`idanimator generate` (e.g. --backbone, --steps, --offload). Run it again to resume: finished videos are kept.
+`idanimator generate` (e.g. --backbone, --steps, --offload). Run it again to resume: finished videos are kept,
+only the missing ones are made.
+
+On every GPU of a node, one process each (the videos are split between them; eval runs once, on the main
+process, after all are written):
+
+    torchrun --nproc_per_node 8 benchmarks/protocol/run.py --out runs/protocol
+    accelerate launch --num_processes 8 benchmarks/protocol/run.py --out runs/protocol
 """
 
 from __future__ import annotations
@@ -62,42 +69,66 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--metrics", default="all", help="passed to eval")
     parser.add_argument("--clip", default=None, help="passed to eval (default: the Hugging Face cache)")
     parser.add_argument("--curricularface", default=None, help="passed to eval: CurricularFace IR-101 weights")
-    parser.add_argument("--insightface-root", default=None, help="passed to eval: holds models/antelopev2")
+    parser.add_argument("--insightface-root", default=None, help="passed to eval: holds models/PACK")
+    parser.add_argument("--arcface-pack", default=None, help="passed to eval (default: buffalo_l, as ConsisID)")
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from idanimator.batch import process_state
     from idanimator.cli import main as idanimator
 
     args, generate_extra = parse(argv)
     out = args.out.expanduser()
-    faces = faces_folder(out, args.faces)
+    state = process_state()  # None with one process; with several (torchrun), accelerate's PartialState
+    main_process = state is None or state.is_main_process
+    # Files every process reads are written once, by the main process, before the others read them.
+    faces = faces_folder(out, args.faces) if main_process else (args.faces or out / "faces")
     prompts, seeds = PROMPTS, args.seeds
     if args.quick:
         lines = [line for line in PROMPTS.read_text().splitlines() if line.strip() and not line.startswith("#")]
         prompts = out / "prompts-quick.txt"
-        prompts.write_text("\n".join(lines[:2]) + "\n")
+        if main_process:
+            prompts.write_text("\n".join(lines[:2]) + "\n")
         seeds = seeds.split(",")[0]
         generate_extra = QUICK + generate_extra
+    if state is not None:
+        state.wait_for_everyone()
     device = ["--device", args.device] if args.device else []
     generate = ["generate", "--faces-dir", str(faces), "--prompts", str(prompts), "--seeds", seeds]
     generate += ["--out-dir", str(out / "videos"), "--detector", args.detector, *device, *generate_extra]
-    code = idanimator(generate)
-    if code:
+    code = idanimator(generate)  # with several processes: each makes its share, then all wait for each other
+    if code or not main_process:
         return code
     evaluate = ["eval", "--videos", str(out / "videos"), "--faces", str(faces), "--out", str(out / "report")]
     evaluate += ["--detector", args.detector, "--metrics", args.metrics, *device]
-    for flag in ("clip", "curricularface", "insightface_root"):
+    for flag in ("clip", "curricularface", "insightface_root", "arcface_pack"):
         if getattr(args, flag):
             evaluate += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     code = idanimator(evaluate)
     if code:
         return code
     summary = json.loads((out / "report" / "summary.json").read_text())
-    cells = ["n/a" if summary.get(k) is None else f"{summary[k]:.3g}" for k in TABLE_KEYS]
     print("\nREADME row (" + " | ".join(TABLE_KEYS) + "):")
-    print(f"| idanimator, this protocol ({summary['counts']['measured']} videos) | " + " | ".join(cells) + " |")
+    print(readme_row(summary))
     return 0
+
+
+def readme_row(summary: dict) -> str:
+    """The row for README's results table: each number, and what measured it (the ArcFace pack and its
+    recognition weights, the face detector), since packs and detectors give different numbers."""
+    setup = summary["setup"]
+    cells = ["n/a" if summary.get(k) is None else f"{summary[k]:.3g}" for k in TABLE_KEYS]
+    if setup.get("arcface_pack") and "FaceSim-Arc" in TABLE_KEYS and summary.get("FaceSim-Arc") is not None:
+        index = TABLE_KEYS.index("FaceSim-Arc")
+        cells[index] += f" ({setup['arcface_pack']})"
+    measured_by = []
+    if setup.get("arcface_pack"):
+        measured_by.append(f"ArcFace {setup['arcface_pack']} {setup.get('arcface_weights') or '(not loaded)'}")
+    if setup.get("face_detector"):
+        measured_by.append(f"faces: {setup['face_detector'].split(', from ')[0]}")
+    what = "; ".join([f"{summary['counts']['measured']} videos", *measured_by])
+    return f"| idanimator, this protocol ({what}) | " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

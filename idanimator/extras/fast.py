@@ -138,8 +138,9 @@ def fast_mode(pipe, request, weights: AnimateLCMWeights) -> Iterator[None]:
         finally:
             deactivate_lcm_lora(pipe.unet)
         return
-    if request.steps > MAX_STEPS:
-        raise InvalidRequestError(f"Fast mode takes at most {MAX_STEPS} steps (4-8 suit it), not {request.steps}.")
+    if request.num_inference_steps > MAX_STEPS:
+        asked = request.num_inference_steps
+        raise InvalidRequestError(f"Fast mode takes at most {MAX_STEPS} steps (4-8 suit it), not {asked}.")
     loaded = weights.get()
     with ExitStack() as stack:
         stack.enter_context(motion_weights(pipe.unet, loaded))

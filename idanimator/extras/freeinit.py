@@ -35,8 +35,8 @@ def free_init(pipe, request, arguments: dict) -> Iterator[dict]:
         return
     inner = arguments.get("callback_on_step_end")
     if inner is not None:
-        steps = arguments.get("num_inference_steps", request.steps)
-        arguments = {**arguments, "callback_on_step_end": _renumbered(inner, steps, request.steps)}
+        steps = arguments.get("num_inference_steps", request.num_inference_steps)
+        arguments = {**arguments, "callback_on_step_end": _renumbered(inner, steps, request.num_inference_steps)}
     pipe.enable_free_init(num_iters=ITERATIONS, method=_METHOD)
     try:
         yield arguments

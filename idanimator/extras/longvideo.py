@@ -164,7 +164,8 @@ def work_units(request, max_frames: int = 32) -> float:
     included (about one UNet evaluation per frame, once)."""
     branches = 2 if request.guidance_scale > 1 else 1
     pixels = request.height * request.width / REFERENCE_PIXELS
-    return request.steps * freeinit.passes(request) * branches * unet_frames(request.num_frames, max_frames) * pixels
+    steps = request.num_inference_steps * freeinit.passes(request)
+    return steps * branches * unet_frames(request.num_frames, max_frames) * pixels
 
 
 def estimate_seconds(request, seconds_per_frame_step: float, max_frames: int = 32) -> float:

@@ -249,7 +249,7 @@ def build_tiny_kit(root: str | Path, *, seed: int = 0, force: bool = False) -> d
 
 
 # Generation settings that suit the tiny kit in tests: a whole video in well under a second on a CPU.
-TINY_SETTINGS = dict(num_frames=8, steps=2, height=64, width=64)
+TINY_SETTINGS = dict(num_frames=8, num_inference_steps=2, height=64, width=64)
 
 # The backbones tiny mode offers by name: the kit's SD1.5 folder, and the same weights as one single file.
 TINY_BACKBONES = {"tiny": "base", "tiny-single-file": "single_file"}

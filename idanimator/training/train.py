@@ -633,7 +633,7 @@ def log_validation(
             request = GenerationRequest(
                 prompt=sample.prompt,
                 num_frames=frames,
-                steps=config.validation_steps,
+                num_inference_steps=config.validation_steps,
                 height=size,
                 width=size,
                 seed=config.seed,
