@@ -18,6 +18,7 @@ tensor is copied by name, and a missing or unexpected tensor is an error naming 
 from __future__ import annotations
 
 import pickle
+import pickletools
 import re
 import zipfile
 from dataclasses import dataclass
@@ -96,19 +97,14 @@ def _read_raw(path: Path) -> dict:
 
 
 def _is_pickle(path: Path) -> bool:
-    """Whether the file (or the data.pkl of a zip checkpoint) is a complete pickle stream. Read with
-    pickletools, which only parses: nothing in the file is run."""
-    import pickletools
-
+    """Whether the file (or a zip checkpoint's data.pkl) is a whole pickle stream (parsed only: nothing runs)."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
         else:
             data = path.read_bytes()
-        for _ in pickletools.genops(data):
-            pass
-        return True
+        return bool(list(pickletools.genops(data)))
     except Exception:  # noqa: BLE001 - anything unparsable is simply not a pickle
         return False
 
@@ -239,6 +235,16 @@ def resampler_to_diffusers(image_proj: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+def random_resampler(clip_width: int, cross_attention_dim: int, hidden: int, depth: int, num_queries: int) -> dict:
+    """A new resampler (diffusers' initialisation, torch's current random state) in the release's layout."""
+    module = _resampler(clip_width, cross_attention_dim, hidden, depth, hidden // RESAMPLER_DIM_HEAD, num_queries)
+    return resampler_from_diffusers(module.state_dict())
+
+
+def _resampler(clip_width: int, output: int, hidden: int, depth: int, heads: int, queries: int):
+    return IPAdapterPlusImageProjection(clip_width, output, hidden, depth, RESAMPLER_DIM_HEAD, heads, queries)
+
+
 def resampler_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`resampler_to_diffusers` (to write official checkpoints)."""
     swapped = [(target, source) for source, target in _RESAMPLER_PREFIXES]
@@ -256,16 +262,10 @@ def resampler_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.
 def build_resampler(image_proj: dict[str, torch.Tensor]) -> IPAdapterPlusImageProjection:
     """Build diffusers' resampler with the checkpoint's shapes and load it strictly."""
     depth = len({k.split(".")[1] for k in image_proj if k.startswith("layers.")})
-    hidden = image_proj["latents"].shape[2]
-    module = IPAdapterPlusImageProjection(
-        embed_dims=image_proj["proj_in.weight"].shape[1],
-        output_dims=image_proj["proj_out.weight"].shape[0],
-        hidden_dims=hidden,
-        depth=depth,
-        dim_head=RESAMPLER_DIM_HEAD,
-        heads=image_proj["layers.0.0.to_q.weight"].shape[0] // RESAMPLER_DIM_HEAD,
-        num_queries=image_proj["latents"].shape[1],
-    )
+    (_, queries, hidden), heads = image_proj["latents"].shape, image_proj["layers.0.0.to_q.weight"].shape[0]
+    heads //= RESAMPLER_DIM_HEAD
+    width, output = image_proj["proj_in.weight"].shape[1], image_proj["proj_out.weight"].shape[0]
+    module = _resampler(width, output, hidden, depth, heads, queries)
     _load_strict(module, resampler_to_diffusers(image_proj), "image_proj")
     return module
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IDAnimatorError
+from .weights import read_state_dict
 
 ARCFACE_SIZE = 112
 # insightface's ArcFace template: where the left eye, right eye, nose tip and mouth corners of a 112 x 112
@@ -116,21 +117,6 @@ def iresnet_from_state_dict(state: dict[str, torch.Tensor]) -> IResNet:
         first = str(exc).splitlines()[0].rstrip(":. ")
         raise ValueError(f"the tensors do not fit an iresnet ({first})") from exc
     return model.eval()
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A file's tensors (a bare state dict, or one under "state_dict"), with DDP's "module." prefix dropped."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_arcface(path: str | Path) -> IResNet:

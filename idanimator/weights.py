@@ -225,3 +225,23 @@ def real_weights_status() -> tuple[str | None, bool]:
     except WeightsUnavailableError as exc:
         return str(exc), False
     return None, False
+
+
+def read_state_dict(path: Path):
+    """A weights file's tensors (.safetensors, or a PyTorch file read with ``weights_only=True``: a pickle that
+    would run code is refused), a bare state dict or one under "state_dict", DDP's "module." prefix dropped.
+    Raises ValueError when the file holds something else (the callers word the sentence)."""
+    import torch  # here: the CLI reads this module before torch is imported
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}

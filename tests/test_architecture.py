@@ -35,7 +35,7 @@ LAYERS = {
     "request": 2,  # GenerationRequest: one request, validated once
     "adapter": 2,  # the face adapter, the official checkpoint's layer map
     "face": 2,
-    "arcface": 1,  # ArcFace (arcface_torch's iresnet) and the differentiable crop onto its template
+    "arcface": 2,  # ArcFace (arcface_torch's iresnet) and the differentiable crop onto its template
     "video_writers": 2,
     "video": 3,  # the one video reader (and the writers' names)
     "models": 3,  # loading each part, assembling the diffusers pipeline
@@ -78,14 +78,14 @@ LAYERS = {
     # train
     "training": 0,  # the package's file holds only its docstring
     "training.config": 1,  # every setting, checked before torch is imported
-    "training.identity_loss": 2,  # x0 estimate -> VAE -> template crop -> ArcFace
+    "training.identity_loss": 3,  # x0 estimate -> VAE -> template crop -> ArcFace
     "training.adapter_training": 3,
     "training.dataset": 4,
     "training.train": 9,  # the script: frozen models, loss, loop, checkpoints, validation videos
     # eval: the metrics
     "eval": 0,  # the package's file holds only its docstring
     "eval.motion": 0,
-    "eval.curricularface": 1,
+    "eval.curricularface": 2,
     "eval.metrics": 1,  # the metrics' names
     "eval.report": 2,
     "eval.embedders": 3,

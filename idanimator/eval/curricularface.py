@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import IDAnimatorError
+from ..weights import read_state_dict
 
 _UNIT = re.compile(r"^body\.(\d+)\.")
 
@@ -73,20 +74,6 @@ class IRBackbone(nn.Module):
         return self.output_layer(self.body(self.input_layer(x)))
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def build_from_state_dict(state: dict[str, torch.Tensor]) -> IRBackbone:
     """The IR network these weights belong to, with the weights loaded (strictly)."""
     units = sorted({int(m.group(1)) for key in state if (m := _UNIT.match(key))})
@@ -109,7 +96,7 @@ def load_curricularface(path: str | Path) -> IRBackbone:
     if not path.is_file():
         raise IDAnimatorError(f"The CurricularFace weights {path} do not exist.")
     try:
-        return build_from_state_dict(_read_state_dict(path))
+        return build_from_state_dict(read_state_dict(path))
     except ValueError as exc:  # ours: the tensors are not an IR backbone's
         raise IDAnimatorError(f"{path.name} is not a CurricularFace IR backbone state dict ({exc}).") from exc
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:  # not a weights file

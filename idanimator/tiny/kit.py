@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import FaceAdapterWeights, checkpoint_index, resampler_from_diffusers, save_official_checkpoint
+from ..adapter import FaceAdapterWeights, checkpoint_index, random_resampler, save_official_checkpoint
 from ..files import atomic_folder
 from ..images import CLIP_SIZE
 
@@ -175,20 +175,9 @@ def random_face_adapter(
 ) -> FaceAdapterWeights:
     """Random face-adapter weights with the release's key names, for a UNet whose j-th spatial
     cross-attention has hidden size ``cross_attention_hidden_sizes[j]``."""
-    from diffusers.models.embeddings import IPAdapterPlusImageProjection
-
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    resampler = IPAdapterPlusImageProjection(
-        embed_dims=clip_dim,
-        output_dims=cross_attention_dim,
-        hidden_dims=resampler_hidden,
-        depth=depth,
-        dim_head=64,
-        heads=resampler_hidden // 64,
-        num_queries=num_tokens,
-    )
-    image_proj = resampler_from_diffusers(resampler.state_dict())
+    image_proj = random_resampler(clip_dim, cross_attention_dim, resampler_hidden, depth, num_tokens)
 
     def rand(*shape, std=0.1):
         return torch.randn(*shape, generator=generator) * std

@@ -42,6 +42,7 @@ from ..adapter import (
     checkpoint_index,
     face_adapter_layers,
     load_face_adapter_weights,
+    random_resampler,
     resampler_from_diffusers,
 )
 from ..errors import CheckpointError, IDAnimatorError
@@ -309,21 +310,10 @@ def _read_ip_adapter(path: Path) -> InitialAdapter | None:
 
 
 def _new_resampler(clip_width: int, cross_attention_dim: int, seed: int) -> dict[str, torch.Tensor]:
-    from diffusers.models.embeddings import IPAdapterPlusImageProjection
-
     hidden = -(-cross_attention_dim // 64) * 64  # the release derives heads = width / 64
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        resampler = IPAdapterPlusImageProjection(
-            embed_dims=clip_width,
-            output_dims=cross_attention_dim,
-            hidden_dims=hidden,
-            depth=RESAMPLER_DEPTH,
-            dim_head=64,
-            heads=hidden // 64,
-            num_queries=NUM_TOKENS,
-        )
-    return resampler_from_diffusers(resampler.state_dict())
+        return random_resampler(clip_width, cross_attention_dim, hidden, RESAMPLER_DEPTH, NUM_TOKENS)
 
 
 def _new_lora(index: int, attn, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
