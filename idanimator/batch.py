@@ -29,7 +29,7 @@ MANIFEST = "generation.json"
 
 
 @dataclass(frozen=True)
-class BatchJob:
+class BatchVideo:
     face: Path
     prompt_index: int
     prompt: str
@@ -100,15 +100,15 @@ def face_photos(folder: Path) -> list[Path]:
     return photos
 
 
-def plan(faces: list[Path], prompts: list[str], seeds: list[int]) -> list[BatchJob]:
+def plan(faces: list[Path], prompts: list[str], seeds: list[int]) -> list[BatchVideo]:
     stems = [p.stem for p in faces]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
         raise IDAnimatorError(f"Two photos share the name '{repeated[0]}' (e.g. .png and .jpg); rename one.")
-    return [BatchJob(face, i, prompt, seed) for face in faces for i, prompt in enumerate(prompts) for seed in seeds]
+    return [BatchVideo(face, i, prompt, seed) for face in faces for i, prompt in enumerate(prompts) for seed in seeds]
 
 
-def write_manifest(jobs: list[BatchJob], request: GenerationRequest, out: Path) -> Path:
+def write_manifest(jobs: list[BatchVideo], request: GenerationRequest, out: Path) -> Path:
     """``OUT/generation.json``: the settings and each video's photo, prompt and seed."""
     out = ensure_folder(Path(out).expanduser())
     record = {
@@ -120,13 +120,13 @@ def write_manifest(jobs: list[BatchJob], request: GenerationRequest, out: Path) 
     return out / MANIFEST
 
 
-def still_to_make(jobs: list[BatchJob], out: Path, overwrite: bool = False) -> list[BatchJob]:
+def still_to_make(jobs: list[BatchVideo], out: Path, overwrite: bool = False) -> list[BatchVideo]:
     """The jobs whose video is not in ``out`` yet (all of them with ``overwrite``)."""
     out = Path(out).expanduser()
     return list(jobs) if overwrite else [job for job in jobs if not (out / f"{job.name}.mp4").is_file()]
 
 
-def remove_partials(jobs: list[BatchJob], out: Path) -> list[Path]:
+def remove_partials(jobs: list[BatchVideo], out: Path) -> list[Path]:
     """Remove the hidden half-written files (``.NAME.HEX.partial.mp4``) a killed run left for this batch's own
     videos, prompt files and manifest; files of other names are left alone."""
     names = [MANIFEST, *(f"{job.name}{suffix}" for job in jobs for suffix in (".mp4", ".txt"))]
@@ -135,7 +135,7 @@ def remove_partials(jobs: list[BatchJob], out: Path) -> list[Path]:
 
 def run_batch(
     pipe,
-    jobs: list[BatchJob],
+    jobs: list[BatchVideo],
     crops: dict[Path, object],
     request: GenerationRequest,
     out: Path,
@@ -176,7 +176,7 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def share_of(state, todo: list[BatchJob]) -> list[BatchJob]:
+def share_of(state, todo: list[BatchVideo]) -> list[BatchVideo]:
     """This process's part of ``todo`` (accelerate's ``split_between_processes``: every process gets the same
     list in the same order, so each video is made by exactly one of them); all of it with one process."""
     if state is None:

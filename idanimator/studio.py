@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from . import settings as limits
 from .errors import GenerationCancelled, IDAnimatorError, InvalidRequestError
 from .estimate import SpeedModel
 from .extras.freeinit import passes as freeinit_passes
@@ -28,6 +27,7 @@ from .outputs import OutputFolder, default_output_parent, own_folder
 from .preview import preview_strip, tile_images
 from .request import GenerationRequest
 from .service import ModelService, choose_offload, free_gpu_memory, release_memory
+from .settings import ServingLimits
 from .tiny import load_options
 from .video import Mp4Writer, write_mp4
 
@@ -87,7 +87,7 @@ class StudioOptions:
     # the first segment); faster, the finished video comes as soon as a stream would (benchmarks/RESULTS.md).
     stream_after_s: float = 1.0
     # A served page's caps per request (frames, steps, work); None: only the library's own ranges apply.
-    serving_limits: limits.ServingLimits | None = None
+    serving_limits: ServingLimits | None = None
 
 
 @dataclass
@@ -346,8 +346,8 @@ class Studio:
         enough for it to matter), then write it."""
         starts = range(0, job.request.num_frames, SEGMENT_FRAMES)
         segments = None
-        settings = result.request.settings()  # into the MP4's metadata: the recipe travels with the video
-        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.request.fps, settings=settings) as whole:
+        recipe = result.request.settings()  # into the MP4's metadata: the recipe travels with the video
+        with Mp4Writer(self.outputs.new_path(".mp4"), fps=job.request.fps, settings=recipe) as whole:
             for index, start in enumerate(starts):
                 if stop.is_set():
                     raise GenerationCancelled("Generation was stopped.")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 
-from idanimator import settings as limits
+from idanimator import settings
 from idanimator.studio import Studio, StudioOptions
 from tests.helpers import ROOT, generate_over_http, read_video, running_app
 
@@ -27,7 +27,7 @@ def test_tiny_mode_banner_says_why_and_how_to_get_real_weights(tiny_studio):
     text = page.banner_text(tiny_studio)
     assert "random" in text and "python -m idanimator download" in text
     assert page.backbone_choices(tiny_studio)[0] == ("Tiny random model (folder)", "tiny")
-    assert page.starting_values(tiny_studio)["num_frames"] == limits.TINY_DEFAULTS["num_frames"]
+    assert page.starting_values(tiny_studio)["num_frames"] == settings.TINY_DEFAULTS["num_frames"]
 
 
 def test_help_answers_at_once_without_loading_gradio_or_torch():
@@ -92,15 +92,15 @@ def test_the_pages_sliders_are_the_settings_limits(tiny_studio):
     demo = page.build_demo(tiny_studio)
     sliders = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     for elem_id, limit in [
-        ("frames", limits.FRAMES),
-        ("steps", limits.STEPS),
-        ("guidance", limits.GUIDANCE),
-        ("id-scale", limits.ID_SCALE),
-        ("fps", limits.FPS),
+        ("frames", settings.FRAMES),
+        ("steps", settings.STEPS),
+        ("guidance", settings.GUIDANCE),
+        ("id-scale", settings.ID_SCALE),
+        ("fps", settings.FPS),
     ]:
         widget = sliders[elem_id]
         assert (widget.minimum, widget.maximum, widget.step) == (limit.low, limit.high, limit.step), elem_id
-    assert (sliders["seed"].minimum, sliders["seed"].maximum) == (0, limits.MAX_SEED)
+    assert (sliders["seed"].minimum, sliders["seed"].maximum) == (0, settings.MAX_SEED)
 
 
 def test_the_page_layout_generate_under_the_prompt_options_in_tabs(tiny_studio):

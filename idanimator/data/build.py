@@ -92,7 +92,7 @@ class BuildReport:
 
 
 @dataclass
-class _Job:
+class _PendingVideo:
     path: Path
     key: str  # unique, stable, file-name safe: clip ids and record names start with it (see video_key)
     relative: str  # its path under the videos folder (posix): what its records are stamped with
@@ -141,7 +141,7 @@ class _Builder:
         self.detector, self.captioner, self.rewriter = detector, captioner, rewriter
         self.stop = threading.Event()  # set on Ctrl-C: videos in progress end at their next frame
 
-    def settings(self, job: _Job) -> dict:
+    def settings(self, job: _PendingVideo) -> dict:
         """Everything a clip's result depends on: a record built with other settings is built again."""
         o = self.options
         return {
@@ -156,7 +156,7 @@ class _Builder:
             "labels": job.labels.as_dict() if job.labels else None,
         }
 
-    def run(self, job: _Job) -> _Outcome:
+    def run(self, job: _PendingVideo) -> _Outcome:
         stat = job.path.stat()
         stamp = {"video": job.relative, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **self.settings(job)}
         record_path = self.out / "videos" / f"{job.key}.json"
@@ -180,7 +180,7 @@ class _Builder:
         return all((self.out / "clips" / f"{clip_id}.json").is_file() for clip_id in clip_ids)
 
     @staticmethod
-    def _same(old: dict | None, stamp: dict, job: _Job) -> bool:
+    def _same(old: dict | None, stamp: dict, job: _PendingVideo) -> bool:
         """Whether a record was built from this file with these settings. Older records (from before stamps
         named the video by its path under the videos folder) named it as the manifest did then (absolute, or
         relative to OUT): those still count, so an older data set is not rebuilt."""
@@ -191,7 +191,7 @@ class _Builder:
         legacy = {str(job.path.resolve()), job.shown}
         return old.get("video") in legacy and {**old, "video": stamp["video"]} == stamp
 
-    def _refresh(self, job: _Job, stamp: dict, record: dict, record_path: Path) -> None:
+    def _refresh(self, job: _PendingVideo, stamp: dict, record: dict, record_path: Path) -> None:
         """Finished records of a video that has moved (with OUT or alone), or of an older stamp: only the
         video's path and the stamp change (the clips, faces and captions do not depend on where the file is)."""
         for clip_id in record.get("clips", []):
@@ -202,7 +202,7 @@ class _Builder:
         if record.get("stamp") != stamp:
             write_json(record_path, record | {"stamp": stamp})
 
-    def _build(self, job: _Job, stamp: dict, outcome: _Outcome) -> None:
+    def _build(self, job: _PendingVideo, stamp: dict, outcome: _Outcome) -> None:
         fps, thumbnails = read_thumbnails(job.path, THUMB_SIZE)
         counter = itertools.count()
         distances = frame_distances(thumbnail for thumbnail, _ in zip(thumbnails, counter, strict=False))
@@ -229,7 +229,7 @@ class _Builder:
         if pending:
             self._read_and_finish(job, stamp, fps, pending, outcome)
 
-    def _read_and_finish(self, job: _Job, stamp: dict, fps: float, pending: dict, outcome: _Outcome) -> None:
+    def _read_and_finish(self, job: _PendingVideo, stamp: dict, fps: float, pending: dict, outcome: _Outcome) -> None:
         """One pass over the frames the pending clips need; each clip is finished once its last one is read."""
         wanted = sorted({index for part in pending.values() for index in part.frames})
         for index, frame in read_frames(job.path, wanted):
@@ -247,7 +247,9 @@ class _Builder:
                         outcome.clips.append(clip_id)
                         outcome.new += 1
 
-    def _finish(self, job: _Job, stamp: dict, fps: float, clip_id: str, part: _Pending, outcome: _Outcome) -> bool:
+    def _finish(
+        self, job: _PendingVideo, stamp: dict, fps: float, clip_id: str, part: _Pending, outcome: _Outcome
+    ) -> bool:
         """Save the clip's face pool, caption it and write its record; False when it has no usable face."""
         faces = part.pool.chosen()
         if not faces:
@@ -323,7 +325,7 @@ def _build_all(videos, out, options, labels, paths, captioner, rewriter, say: Sa
     builder = _Builder(out, options, get_detector(options.detector), captioner, rewriter)
     relatives = sorted((path.relative_to(videos).as_posix(), path) for path in paths)  # one order on every machine
     jobs = [
-        _Job(
+        _PendingVideo(
             path,
             video_key(rel),
             rel,
