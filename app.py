@@ -101,6 +101,7 @@ import html
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -128,6 +129,8 @@ HISTORY_WIDTHS = [85, 290, 140, 65, 60, 80, 75, 70, 220]
 CSS = """
 @media (min-width: 900px) { #results { position: sticky; top: 8px; align-self: flex-start; } }
 #preview img { object-fit: contain; }
+/* gradio's "n/N steps | 0.1s" line: its timer restarts at every yield, so the description carries the time */
+#preview .progress-text { display: none; }
 """
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
 # Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
@@ -398,6 +401,7 @@ def generate(history, request: gr.Request, progress=gr.Progress(), control_image
         raise _error(str(exc)) from None
     events = None
     try:
+        started = time.monotonic()  # gradio's own timer restarts at every yield (one a step, for Stop): ours
         progress(0, desc="Checking the photos and loading the model")
         try:
             prepared = studio().prepare(faces, generation)
@@ -409,7 +413,8 @@ def generate(history, request: gr.Request, progress=gr.Progress(), control_image
         events = run_on_gpu(prepared)
         for event in events:
             if isinstance(event, Progress):
-                progress((event.step, event.total), desc="Denoising", unit="steps")
+                desc = f"Denoising: step {event.step} of {event.total}, {time.monotonic() - started:.0f} s"
+                progress((event.step, event.total), desc=desc, unit="steps")
                 # A yield every step, preview or not: Stop closes this generator, which it can only do while
                 # it waits at a yield (a generator that is running cannot be closed).
                 yield skip, event.preview or skip, skip, skip, skip, history
