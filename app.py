@@ -752,7 +752,12 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                 )
             with gr.Column(elem_id="results"):  # sticky (CSS): in view while the options are scrolled
                 preview = gr.Image(
-                    label="Preview while denoising", height=120, interactive=False, buttons=[], elem_id="preview"
+                    label="Preview while denoising",
+                    height=120,
+                    interactive=False,
+                    buttons=[],
+                    format="jpeg",
+                    elem_id="preview",
                 )
                 live = gr.Video(
                     label="Streaming (plays while the rest is decoded)",

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # Frames per streamed chunk: 1 s of video at 8 fps. The page starts playing after the first one; each costs
 # gradio an ffprobe and an ffmpeg mux, so fewer, longer chunks cost less (measured: benchmarks/RESULTS.md).
 SEGMENT_FRAMES = 8
+# Previews shown while denoising, at most (and the last step's): each costs gradio a saved image and API clients
+# a download, a quarter of the app's own time per request at 7 previews (benchmarks/RESULTS.md).
+PREVIEWS = 4
 
 
 def _in_worker(work, stop: threading.Event):
@@ -304,7 +307,7 @@ class Studio:
                 with self.service.guard():
                     pipe = self.service.pipeline(request.backbone)
                     started, first_step = time.monotonic(), []
-                    every = preview_every or max(1, request.num_inference_steps // 6)
+                    every = preview_every or -(-request.num_inference_steps // PREVIEWS)
                     result = yield from self._denoise(pipe, job, stop, every, first_step)
                     self.speed.record(
                         before_s=first_step[0] - started if first_step else 0.0,

@@ -307,3 +307,13 @@ def test_the_speed_model_learns_a_steps_cost_and_a_work_cost():
     one = SpeedModel()
     one.record(before_s=0.6, steps=10, work=100, loop_s=2.0)
     assert one.estimate(10, 100) == pytest.approx(2.6)  # one kind of run: its own time back
+
+
+def test_a_long_run_sends_a_few_previews_and_the_last_steps(studio, astronaut_path):
+    """Each preview costs the page a saved image and an API client a download: at most PREVIEWS of them, evenly
+    spread, and always the last step's."""
+    from idanimator.studio import PREVIEWS
+
+    events = finish(studio, request(astronaut_path, num_frames=4, num_inference_steps=25))
+    steps = [e.step for e in events if isinstance(e, Progress) and e.preview is not None]
+    assert steps == [7, 14, 21, 25] and len(steps) <= PREVIEWS + 1
