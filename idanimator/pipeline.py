@@ -122,21 +122,20 @@ class IDAnimatorPipeline:
         detector=None,
         fast_weights: str | Path | None = None,
         control_models: dict[str, str | Path] | None = None,
-        dtype: torch.dtype | None = None,
     ) -> IDAnimatorPipeline:
         """Load every part (registry names, Hub ids or local paths; the release's by default).
 
         ``backbone``: a registry name (default: the release's Realistic Vision V6.0 B1), Hub id or local
         folder/file. ``tiny=True`` takes every part not given from the tiny random kit (built on first use).
         ``fast_weights``: a local AnimateLCM folder; ``control_models``: control kind -> its model's folder or Hub
-        id (others: the registry's, or tiny mode's). ``torch_dtype`` as in diffusers (``dtype`` is the same).
+        id (others: the registry's, or tiny mode's). ``torch_dtype`` as in diffusers (default: float16 on CUDA,
+        float32 on the CPU).
         """
-        dtype = torch_dtype if torch_dtype is not None else dtype
         from .models import build_animatediff, load_shared_parts
         from .tiny import load_options
 
         parts = dict(face_adapter=face_adapter, motion_adapter=motion_adapter, image_encoder=image_encoder, base=base)
-        options = load_options(tiny=tiny, device=device, dtype=dtype, offload=offload, **parts)
+        options = load_options(tiny=tiny, device=device, dtype=torch_dtype, offload=offload, **parts)
         pipe = build_animatediff(load_shared_parts(options), backbone)
         control = options.control_models or ControlModels()
         control.sources.update(control_models or {})

@@ -142,6 +142,11 @@ class Finished:
     seconds: float = 0.0
 
 
+# The release's default request (16 frames, 30 steps, 512x512, guidance 8) in work units: the serving limits'
+# measure of a request's size.
+DEFAULT_WORK = work_units(GenerationRequest(prompt="the release's default request"))
+
+
 def face_strip(crops: list, size: int = 150):
     """The aligned faces side by side, each `size` pixels square: what the model sees (None if no crops)."""
     return tile_images([crop.image for crop in crops], size) if crops else None
@@ -241,7 +246,7 @@ class Studio:
         """
         request = self._offered(request.validate())
         if self.options.serving_limits is not None:
-            work = work_units(request) / work_units(GenerationRequest(prompt="the release's default request"))
+            work = work_units(request) / DEFAULT_WORK
             self.options.serving_limits.check(request.num_frames, request.num_inference_steps, work)
         crops, notes = self.prepare_faces(faces)
         if self.options.load_in_prepare:

@@ -235,7 +235,7 @@ def _load_pipeline(args: argparse.Namespace, detector):
         image_encoder=args.image_encoder,
         base=args.base,
         device=args.device,
-        dtype=dtype,
+        torch_dtype=dtype,
         offload=args.offload,
         tiny=args.tiny,
         detector=detector,
