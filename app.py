@@ -39,7 +39,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="videos go into DIR/idanimator-outputs, served to anyone who knows a name (default: a temp folder)",
+        help="videos go into DIR/idanimator-outputs, served to anyone who knows a name (default: ~/.cache/idanimator)",
     )
     parser.add_argument("--max-outputs", type=int, default=200, help="entries kept in the output folder")
     parser.add_argument("--lora-dir", default=None, help="style LoRAs offered by name: NAME.safetensors files")
@@ -106,6 +106,7 @@ from pathlib import Path
 
 import gradio as gr
 import spaces
+from gradio.data_classes import FileData
 
 from idanimator import registry, settings
 from idanimator.console import quiet_loading_bars
@@ -118,6 +119,10 @@ log = logging.getLogger("idanimator.app")
 
 MAX_UPLOAD = "20mb"  # per file; larger uploads are refused before they reach Python
 STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's stream muxer needs both
+# While denoising, `generate` yields at least this often (and at every preview): gradio closes it (Stop) only at a
+# yield, and each yield is a round of gradio's output processing and messages, which costs the denoising thread
+# time on a busy CPU (benchmarks/RESULTS.md, serving overhead).
+YIELD_EVERY_S = 0.25
 ZERO_GPU = bool(spaces.config.Config.zero_gpu)
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The history table: these settings, then the size and the options beyond the release.
@@ -157,6 +162,21 @@ def studio() -> Studio:
     if _studio is None:
         _studio = Studio(StudioOptions())
     return _studio
+
+
+class StudioVideo(gr.Video):
+    """gr.Video for the studio's own MP4s. gradio's Video runs ffprobe on every video it shows, to see whether it
+    must convert it for browsers (about 55 ms, a process, on each result); the studio writes H.264 MP4s only, so
+    a file it made is shown as it is. Anything else goes through gr.Video unchanged. A template, as gradio's own
+    gr.PlayableVideo is: the browser draws it with gr.Video's frontend."""
+
+    is_template = True
+
+    def postprocess(self, value):
+        if isinstance(value, (str, Path)) and Path(value).suffix == ".mp4" and studio().outputs.made_here(value):
+            # gradio's file handling (the allowed-paths check, the copy to its cache) still runs after this
+            return FileData(path=str(value), orig_name=Path(value).name)
+        return super().postprocess(value)
 
 
 def _paths(files) -> list[str]:
@@ -401,7 +421,7 @@ def generate(history, request: gr.Request, progress=gr.Progress(), control_image
         raise _error(str(exc)) from None
     events = None
     try:
-        started = time.monotonic()  # gradio's own timer restarts at every yield (one a step, for Stop): ours
+        started = time.monotonic()  # gradio's own timer restarts at every yield: ours
         progress(0, desc="Checking the photos and loading the model")
         try:
             prepared = studio().prepare(faces, generation)
@@ -411,13 +431,16 @@ def generate(history, request: gr.Request, progress=gr.Progress(), control_image
             log.exception("preparing the request failed")
             raise _error(UNEXPECTED.format(type(exc).__name__)) from None
         events = run_on_gpu(prepared)
+        last_yield = time.monotonic()
         for event in events:
             if isinstance(event, Progress):
                 desc = f"Denoising: step {event.step} of {event.total}, {time.monotonic() - started:.0f} s"
-                progress((event.step, event.total), desc=desc, unit="steps")
-                # A yield every step, preview or not: Stop closes this generator, which it can only do while
-                # it waits at a yield (a generator that is running cannot be closed).
-                yield skip, event.preview or skip, skip, skip, skip, history
+                progress((event.step, event.total), desc=desc, unit="steps")  # sent by gradio's own timer
+                # Stop closes this generator, which it can only do while it waits at a yield (a running generator
+                # cannot be closed): so a yield at least every YIELD_EVERY_S, and at each preview.
+                if event.preview is not None or time.monotonic() - last_yield >= YIELD_EVERY_S:
+                    last_yield = time.monotonic()
+                    yield skip, event.preview or skip, skip, skip, skip, history
             elif isinstance(event, Segment):
                 progress(1.0, desc="Decoding")
                 yield str(event.path), skip, skip, skip, skip, history
@@ -767,7 +790,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     visible=STREAMING,
                     elem_id="live",
                 )
-                result = gr.Video(label="Result (MP4)", height=300, buttons=["download"], elem_id="result")
+                result = StudioVideo(label="Result (MP4)", height=300, buttons=["download"], elem_id="result")
                 seed_used = gr.Markdown(elem_id="seed-used")
                 gallery = gr.Gallery(
                     label="This session's videos",
@@ -848,9 +871,27 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
             )
         event.then(show_estimate, None, estimate, inputs_kwargs=page_inputs, queue=False, show_progress="hidden")
     demo.queue(default_concurrency_limit=1, max_size=caps.queue_size)
+    calm_queue(demo)
     if caps.jobs_per_visitor:
         limit_jobs_per_visitor(demo, "generate", caps.jobs_per_visitor)
     return demo
+
+
+# How often gradio's queue looks for new events and for progress to send, in seconds (its own: 0.001 and 0.01).
+QUEUE_POLL_S, PROGRESS_POLL_S = 0.02, 0.1
+
+
+def calm_queue(demo: gr.Blocks) -> None:
+    """Make gradio's queue poll less often. It wakes every millisecond to look for new events, and every 10 ms
+    for progress to send (gradio 6.31, pinned: queueing.Queue, no setting for either); each wake-up takes the
+    GIL from the denoising thread, which on a busy CPU slows the video (benchmarks/RESULTS.md, serving
+    overhead). A request now starts at most 20 ms later; progress is sent 10 times a second."""
+    queue = demo._queue
+    for name, seconds in (("sleep_when_free", QUEUE_POLL_S), ("progress_update_sleep_when_free", PROGRESS_POLL_S)):
+        if not isinstance(getattr(queue, name, None), float):  # a gradio that no longer has it: leave it be
+            log.warning("gradio's queue has no %s; its polling is left as it is", name)
+            continue
+        setattr(queue, name, seconds)
 
 
 def visitor(request) -> str:

@@ -59,6 +59,12 @@ class OutputFolder:
         folder.mkdir()
         return folder
 
+    def made_here(self, path) -> bool:
+        """Whether `path` is a file this folder named (directly in it or in one of its own folders), not a link."""
+        path = Path(path)
+        parents = [self.root] + [p for p in [path.parent] if p.parent == self.root and _OURS.fullmatch(p.name)]
+        return path.parent in parents and bool(_OURS.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
+
     def prune(self) -> None:
         """Keep the newest `max_files` of our entries younger than `max_age_s`; remove the rest of ours.
 

@@ -230,6 +230,7 @@ def test_stop_ends_a_running_generation_and_the_server_answers_the_next_request(
     while not job.done() and time.monotonic() - started < 30:
         time.sleep(0.1)
     assert job.done() and job.status().code.name == "CANCELLED"
+    assert time.monotonic() - started < 10  # closed at a yield (at least one every YIELD_EVERY_S while denoising)
     assert proc.poll() is None
     # The queue is free again at once (the 100-step run was not left going): the next request is quick.
     assert read_video(generate(client, astronaut_path)[2]).shape[0] == 8
@@ -317,3 +318,62 @@ def test_an_mp4_made_here_dropped_on_the_page_fills_the_form(tiny_studio, tmp_pa
     plain = write_mp4(frames, tmp_path / "plain.mp4", fps=8)
     with pytest.raises(page.gr.Error, match="carries no generation settings"):
         page.settings_from_video(str(plain))
+
+
+def test_generate_yields_at_every_preview_and_at_least_every_quarter_second_not_every_step(tiny_studio, astronaut_path):
+    """Each yield is a round of gradio's output processing (serving overhead), but Stop closes `generate` only at
+    a yield: so a yield at each preview and at least every YIELD_EVERY_S, with the progress line at every step."""
+    import app as page
+    from idanimator.studio import PREVIEWS
+
+    page.build_demo(tiny_studio)
+    steps, marks = 24, []
+    values = dict(faces=[str(astronaut_path)], prompt="a person", backbone="tiny", seed=1, randomize_seed=False)
+    values.update(num_frames=8, num_inference_steps=steps, resolution="64x64 (tiny)")
+
+    def progress(value, desc=None, unit=None):  # gradio's progress line: every step
+        marks.append(("step", time.monotonic(), value))
+
+    for outputs in page.generate([], None, progress=progress, **values):
+        marks.append(("yield", time.monotonic(), outputs))
+    stepped = [m for m in marks if m[0] == "step" and isinstance(m[2], tuple)]
+    assert [m[2] for m in stepped] == [(i, steps) for i in range(1, steps + 1)]
+    denoising = [m for m in marks[: marks.index(stepped[-1]) + 2] if m[0] == "yield"]
+    previews = [m for m in denoising if m[2][1] != page.gr.update()]
+    assert len(previews) == PREVIEWS  # every preview reaches the page (the last step's included)
+    assert len(denoising) < steps  # steps are quicker than YIELD_EVERY_S here: not one yield a step
+    longest_step = max(b[1] - a[1] for a, b in zip(stepped, stepped[1:], strict=False))
+    times = [stepped[0][1]] + [m[1] for m in denoising]
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= page.YIELD_EVERY_S + 2 * longest_step
+    assert marks[-1][2][2].endswith(".mp4")  # and the video at the end
+
+
+def test_the_result_video_made_here_is_shown_without_probing_it(tiny_studio, monkeypatch):
+    """gradio's Video runs ffprobe on each video it shows; the studio's own MP4s (H.264) skip it, others do not."""
+    import numpy as np
+    from gradio import processing_utils
+
+    import app as page
+    from idanimator.video import write_mp4
+
+    page.build_demo(tiny_studio)
+    probed = []
+    monkeypatch.setattr(processing_utils, "video_is_playable", lambda path: probed.append(path) or True)
+    frames = np.zeros((8, 64, 64, 3), dtype=np.float32)
+    made = write_mp4(frames, tiny_studio.outputs.new_path(".mp4"), fps=8)
+    video = page.StudioVideo()
+    assert video.get_block_name() == "video"  # drawn by gr.Video's frontend
+    shown = video.postprocess(str(made))
+    assert (shown.path, probed) == (str(made), [])
+    other = write_mp4(frames, tiny_studio.outputs.root / "not-named-here.mp4", fps=8)  # not a name the studio made
+    assert video.postprocess(str(other)).path == str(other) and probed == [str(other)]
+    assert video.postprocess(None) is None
+
+
+def test_the_queue_polls_calmly(tiny_studio):
+    """gradio's queue wakes every 1 ms (new events) and 10 ms (progress) by default; the page makes it 20 and 100."""
+    import app as page
+
+    demo = page.build_demo(tiny_studio)
+    assert demo._queue.sleep_when_free == page.QUEUE_POLL_S == 0.02
+    assert demo._queue.progress_update_sleep_when_free == page.PROGRESS_POLL_S == 0.1

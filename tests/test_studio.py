@@ -317,3 +317,20 @@ def test_a_long_run_sends_a_few_previews_and_the_last_steps(studio, astronaut_pa
     events = finish(studio, request(astronaut_path, num_frames=4, num_inference_steps=25))
     steps = [e.step for e in events if isinstance(e, Progress) and e.preview is not None]
     assert steps == [7, 14, 21, 25] and len(steps) <= PREVIEWS + 1
+
+
+def test_the_output_folder_knows_the_files_it_named(tmp_path):
+    folder = OutputFolder(tmp_path, max_files=3, max_age_s=3600)
+    video = folder.new_path(".mp4")
+    segment = folder.new_path(".mp4", folder.new_folder())
+    assert not folder.made_here(video)  # not written yet
+    for path in (video, segment):
+        path.write_bytes(b"x")
+    (tmp_path / "mine.mp4").write_bytes(b"x")
+    (tmp_path / "0123456789abcdef.mp4").symlink_to(video)
+    assert folder.made_here(video) and folder.made_here(str(segment))
+    assert not folder.made_here(tmp_path / "mine.mp4")  # the operator's, not ours
+    assert not folder.made_here(tmp_path / "0123456789abcdef.mp4")  # a link
+    other = tmp_path.parent / video.name
+    other.write_bytes(b"x")
+    assert not folder.made_here(other)  # our kind of name, elsewhere
