@@ -125,17 +125,18 @@ STREAMING = bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))  # gradio's
 YIELD_EVERY_S = 0.25
 ZERO_GPU = bool(spaces.config.Config.zero_gpu)
 ASSETS = Path(__file__).resolve().parent / "assets"
-# The history table: these settings, then the size and the options beyond the release.
-HISTORY_KEYS = ["seed", "prompt", "backbone", "num_frames", "num_inference_steps", "guidance_scale", "id_scale"]
-HISTORY_HEADERS = ["seed", "prompt", "backbone", "frames", "steps", "guidance", "ID scale", "size", "options"]
-# Pixels: 1085 in all, so a desktop shows every column; a phone scrolls the table sideways.
-HISTORY_WIDTHS = [85, 290, 140, 65, 60, 80, 75, 70, 220]
+# The history table: the prompt, and the rest of a video's settings in words; two wrapped columns, in shares of
+# the page's width, so that a phone shows all of it too (one column a setting scrolled sideways there).
+HISTORY_HEADERS = ["prompt", "settings"]
+HISTORY_WIDTHS = ["45%", "55%"]
 # Keeps the results in view beside the options on a desktop; on a phone the columns stack as usual.
 CSS = """
 @media (min-width: 900px) { #results { position: sticky; top: 8px; align-self: flex-start; } }
 #preview img { object-fit: contain; }
 /* gradio's "n/N steps | 0.1s" line: its timer restarts at every yield, so the description carries the time */
 #preview .progress-text { display: none; }
+/* a long word (a Hub id, a LoRA's name) breaks rather than pushing the settings table wider than a phone */
+#history-table td { overflow-wrap: anywhere; }
 """
 UNEXPECTED = "Something went wrong while making the video ({}); the server is fine, please try again."
 # Seconds a toast stays up. Gradio stacks the messages of one kind in one toast and closes the toast this long
@@ -473,12 +474,23 @@ def history_gallery(history):
 
 
 def history_table(history):
-    """The settings of this session's videos, newest first (size as height x width, like the presets; the
-    options beyond the release in words)."""
-    return [
-        [*(item.get(k) for k in HISTORY_KEYS), f"{item.get('height')}x{item.get('width')}", options_text(item)]
-        for item in reversed(history or [])
+    """The settings of this session's videos, newest first: the prompt, and the rest in words."""
+    return [[item.get("prompt"), settings_text(item)] for item in reversed(history or [])]
+
+
+def settings_text(item: dict) -> str:
+    """A video's settings but the prompt, e.g. "seed 7, tiny, 16 frames, 30 steps, guidance 8, ID scale 1, 512x512"
+    (size as height x width, like the presets), then the options beyond the release (`options_text`)."""
+    words = [f"seed {item.get('seed')}"] + ([item["backbone"]] if item.get("backbone") else [])  # "": the default
+    words += [
+        f"{item.get('num_frames')} frames",
+        f"{item.get('num_inference_steps')} steps",
+        f"guidance {item.get('guidance_scale'):g}",
+        f"ID scale {item.get('id_scale'):g}",
+        f"{item.get('height')}x{item.get('width')}",
     ]
+    options = options_text(item)
+    return ", ".join(words) + (f"; {options}" if options else "")
 
 
 def options_text(item: dict) -> str:
@@ -800,7 +812,7 @@ def build_demo(engine: Studio | None = None) -> gr.Blocks:
                     fit_columns=False,
                     elem_id="history",
                 )
-        table = gr.Dataframe(  # the page's full width: on a desktop every column shows
+        table = gr.Dataframe(  # the page's full width
             headers=HISTORY_HEADERS,
             label="Settings of this session's videos (click a row to bring its settings back into the form)",
             interactive=False,

@@ -292,7 +292,12 @@ def test_a_history_row_brings_every_setting_back_into_the_form(tiny_studio):
         control=ControlSpec("canny", video="drive.mp4", strength=0.5),
     ).settings()
     history = [{"video": "a.mp4", **made}, {"video": "b.mp4", **GenerationRequest(prompt="other").settings()}]
-    assert page.history_table(history)[1][-1] == "fast, FreeInit, LoRA tiny-style 0.7, canny 0.5"
+    prompt, words = page.history_table(history)[1]  # newest first; two columns, so that a phone shows it all
+    assert prompt == "a man surfing"
+    assert words == (
+        "seed 9, 12 frames, 5 steps, guidance 8, ID scale 0.8, 96x64; fast, FreeInit, LoRA tiny-style 0.7, canny 0.5"
+    )
+    assert page.history_table(history)[0][1].endswith(", 512x512")  # no options beyond the release: nothing more
     event = gr.SelectData(None, {"index": [1, 0], "value": 9, "selected": True})
     restored = dict(zip(page.RESTORED, page.restore_settings(history, event), strict=True))
     assert restored["prompt"]["value"] == "a man surfing" and restored["seed"]["value"] == 9

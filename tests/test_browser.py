@@ -209,12 +209,14 @@ def test_generate_in_the_browser_plays_a_video(tmp_path, no_face_path, tiny_kit)
                 assert box and 0 <= box["y"] and box["y"] + min(box["height"], 60) <= LAPTOP["height"], (tab, part)
         page.screenshot(path=str(tmp_path / "laptop.png"))
 
-        # A phone: the examples fit, captions stay whole (the settings table may scroll sideways there).
+        # A phone: the examples fit, captions stay whole, and the settings table shows all of every row.
         page.set_viewport_size(PHONE)
         page.get_by_role("tab", name="Examples").click()
         time.sleep(1)
         assert examples.evaluate(OVERFLOW) <= 1
         assert caption.evaluate(OVERFLOW) <= 1
+        assert table.evaluate(OVERFLOW) <= 1
+        assert table.get_by_text("seed 1234, tiny-single-file, 8 frames").first.is_visible()
         assert page.locator("#preview").evaluate(OVERFLOW) <= 1  # the preview strip fits its box
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
         browser.close()
