@@ -152,6 +152,14 @@ def face_strip(crops: list, size: int = 150):
     return tile_images([crop.image for crop in crops], size) if crops else None
 
 
+def _given(faces: list | None) -> list:
+    """The photos given (None entries dropped); none at all is one sentence."""
+    faces = [f for f in (faces or []) if f is not None]
+    if not faces:
+        raise InvalidRequestError("Upload at least one photo of a face.")
+    return faces
+
+
 class Studio:
     """One per process: the model service, the output folder, and request handling."""
 
@@ -218,10 +226,7 @@ class Studio:
         """Aligned crops of every photo, and the sentences to show about them. Raises on a bad photo."""
         from .face import crop_face
 
-        faces = [f for f in (faces or []) if f is not None]
-        if not faces:
-            raise InvalidRequestError("Upload at least one photo of a face.")
-        crops = [crop_face(face, self.service.detector()) for face in faces]
+        crops = [crop_face(face, self.service.detector()) for face in _given(faces)]
         return crops, [w for crop in crops for w in crop.warnings]
 
     def preview_faces(self, faces: list) -> tuple[list, list[str]]:
@@ -244,6 +249,7 @@ class Studio:
 
         Raises IDAnimatorError subclasses with user-facing sentences.
         """
+        _given(faces)  # first, as on the page: the photo, then the prompt and the rest
         request = self._offered(request.validate())
         if self.options.serving_limits is not None:
             work = work_units(request) / DEFAULT_WORK

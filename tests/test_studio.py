@@ -334,3 +334,11 @@ def test_the_output_folder_knows_the_files_it_named(tmp_path):
     other = tmp_path.parent / video.name
     other.write_bytes(b"x")
     assert not folder.made_here(other)  # our kind of name, elsewhere
+
+
+def test_no_photo_is_said_before_anything_else_as_the_page_reads(studio):
+    """A fresh page's Generate: the photo comes first on the page, so its sentence comes first."""
+    with pytest.raises(InvalidRequestError, match="^Upload at least one photo of a face.$"):
+        studio.prepare([], GenerationRequest(prompt=""))
+    with pytest.raises(InvalidRequestError, match="The prompt is empty"):
+        studio.prepare([None, "photo.png"], GenerationRequest(prompt=" "))
