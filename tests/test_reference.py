@@ -311,7 +311,18 @@ def test_cli_defaults_are_the_releases():
     from idanimator.cli.generate import request_from_args
 
     args = build_parser().parse_args(["generate", "--face", "x", "--prompt", "p", "--out", "o.mp4"])
-    request = request_from_args(args).validate()  # steps and guidance: the release's unless --fast
+    assert_release_request(request_from_args(args).validate())  # steps and guidance: the release's unless --fast
+
+
+def test_library_request_defaults_are_the_releases():
+    """What ``pipe(faces, prompt)`` leaves out is the request's default."""
+    from idanimator.request import GenerationRequest
+
+    assert_release_request(GenerationRequest(prompt="p"))
+
+
+def assert_release_request(request) -> None:
+    """Every setting of a GenerationRequest that the release fixes is the release's value."""
     assert request.negative_prompt == RELEASE_NEGATIVE_PROMPT
     assert request.num_frames == RELEASE_FRAMES
     assert request.num_inference_steps == RELEASE_STEPS
@@ -321,22 +332,6 @@ def test_cli_defaults_are_the_releases():
     assert request.fps == RELEASE_FPS
     assert request.add_prompt_suffix is True
     assert request.seed is None
-
-
-def test_library_request_defaults_are_the_releases():
-    """What ``pipe(faces, prompt)`` leaves out is the request's default."""
-    from idanimator.request import GenerationRequest
-
-    defaults = GenerationRequest(prompt="p")
-    assert defaults.negative_prompt == RELEASE_NEGATIVE_PROMPT
-    assert defaults.num_frames == RELEASE_FRAMES
-    assert defaults.num_inference_steps == RELEASE_STEPS
-    assert defaults.guidance_scale == RELEASE_GUIDANCE
-    assert defaults.id_scale == RELEASE_ID_SCALE
-    assert (defaults.height, defaults.width) == (RELEASE_HEIGHT, RELEASE_WIDTH)
-    assert defaults.fps == RELEASE_FPS
-    assert defaults.add_prompt_suffix is True
-    assert defaults.seed is None
 
 
 def test_app_starting_values_are_the_releases(monkeypatch, tmp_path):
