@@ -21,6 +21,11 @@ FOLDER_NAME = "idanimator-outputs"  # the app's own folder inside the operator's
 _OURS = re.compile(r"[0-9a-f]{16}(\.[a-z0-9]{1,5})?")  # what new_path/new_folder name: 16 hex digits (+ suffix)
 
 
+def _named_here(path: Path) -> bool:
+    """A name OutputFolder makes, and not a link (a link with such a name is someone else's)."""
+    return bool(_OURS.fullmatch(path.name)) and not path.is_symlink()
+
+
 def default_output_parent() -> Path:
     """Where the app's folder goes without ``--output-dir``: the user's own cache, ``$IDANIMATOR_CACHE``, else
     ``$XDG_CACHE_HOME/idanimator``, else ``~/.cache/idanimator`` (as the tiny kit), rather than the system's
@@ -62,8 +67,9 @@ class OutputFolder:
     def made_here(self, path) -> bool:
         """Whether `path` is a file this folder named (directly in it or in one of its own folders), not a link."""
         path = Path(path)
-        parents = [self.root] + [p for p in [path.parent] if p.parent == self.root and _OURS.fullmatch(p.name)]
-        return path.parent in parents and bool(_OURS.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
+        folder = path.parent
+        in_ours = folder == self.root or (folder.parent == self.root and _named_here(folder))
+        return in_ours and _named_here(path) and path.is_file()
 
     def prune(self) -> None:
         """Keep the newest `max_files` of our entries younger than `max_age_s`; remove the rest of ours.
@@ -71,7 +77,7 @@ class OutputFolder:
         Only names this class made are considered (never links), so other files in the folder stay."""
         entries = []
         for entry in self.root.iterdir():
-            if not _OURS.fullmatch(entry.name) or entry.is_symlink():
+            if not _named_here(entry):
                 continue
             try:
                 entries.append((entry.stat().st_mtime, entry))
